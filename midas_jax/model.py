@@ -1,0 +1,292 @@
+"""Llama-style decoder-only transformer with its layer stack under one `nn.scan`.
+
+Every leaf of `params['layers']` has shape `(num_layers, ...)`, so growing the model in depth
+is a pytree transform on the leading axis (see `growth.py`). Parameters and activations carry
+logical axis names (`sharding.py` maps them to a mesh); the model never names a mesh axis.
+
+Shape suffixes: B batch, T sequence, D model width, H heads, K head dim, F MLP width,
+V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REMAT_POLICIES = ("none", "full", "minimal")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of the decoder. Parameters are always float32."""
+
+  vocab_size: int = 384
+  d_model: int = 256
+  num_heads: int = 4
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  num_layers: int = 4
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype of activations and matmuls
+  remat: str = "none"
+  attention: str = "xla"
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02  # embeddings; kernels use fan-in scaling
+
+  def __post_init__(self):
+    for name, value, valid in (("remat", self.remat, REMAT_POLICIES),
+                               ("attention", self.attention, ATTENTION_IMPLS),
+                               ("dtype", self.dtype, DTYPES)):
+      if value not in valid:
+        raise ValueError(f"ModelConfig.{name}={value!r} is not one of {valid}.")
+    for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim", "num_layers"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes):
+  """A float32 parameter whose metadata carries its logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _kernel_init(in_axis, out_axis):
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                          in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    scale_D = _param(self, "scale", nn.initializers.ones, (x_BxTxD.shape[-1],), ("embed",))
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale_D).astype(self.dtype)
+
+
+def rope(x_BxTxHxK, positions_BxT, theta: float):
+  """Rotary position embedding (rotate-half form), computed in float32."""
+  half = x_BxTxHxK.shape[-1] // 2
+  freq_K2 = theta ** (-np.arange(half, dtype=np.float32) / half)
+  angle_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * freq_K2
+  sin, cos = jnp.sin(angle_BxTxK2)[:, :, None, :], jnp.cos(angle_BxTxK2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+def attention_mask(segment_ids_BxT, prefix_mask_BxT=None):
+  """Boolean mask `BxTxT` (query, key): causal, within a segment, bidirectional over a prefix.
+
+  Query `i` may attend key `j` iff both are in the same segment (segment id 0 is padding and
+  attends nothing but itself... through the diagonal) and either `j <= i` or both are prefix
+  (input) tokens of a prefix-LM example.
+  """
+  T = segment_ids_BxT.shape[1]
+  causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  allowed = causal_TxT[None]
+  if prefix_mask_BxT is not None:
+    p = prefix_mask_BxT.astype(bool)
+    allowed = allowed | (p[:, :, None] & p[:, None, :])
+  return allowed & same_BxTxT
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, plain_causal: bool):
+    c = self.config
+    D, H, K = c.d_model, c.num_heads, c.head_dim
+    dt = c.compute_dtype
+    qkv_init = _kernel_init(0, (1, 2))
+    w = {n: _param(self, n, qkv_init, (D, H, K), ("embed", "heads", "kv")) for n in "qkv"}
+    wo_HxKxD = _param(self, "o", _kernel_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
+    x = x_BxTxD.astype(dt)
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (
+        jnp.einsum("btd,dhk->bthk", x, w[n].astype(dt)) for n in "qkv")
+    q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, c.rope_theta)
+    k_BxTxHxK = rope(k_BxTxHxK, positions_BxT, c.rope_theta)
+    axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, axes)
+    k_BxTxHxK = nn.with_logical_constraint(k_BxTxHxK, axes)
+    v_BxTxHxK = nn.with_logical_constraint(v_BxTxHxK, axes)
+
+    if c.attention == "xla":
+      scores_BxHxTxT = jnp.einsum("bqhk,bthk->bhqt", q_BxTxHxK, k_BxTxHxK).astype(jnp.float32)
+      scores_BxHxTxT = scores_BxHxTxT / np.sqrt(K)
+      scores_BxHxTxT = jnp.where(mask_BxTxT[:, None], scores_BxHxTxT, -1e30)
+      probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(dt)
+      out_BxTxHxK = jnp.einsum("bhqt,bthk->bqhk", probs_BxHxTxT, v_BxTxHxK)
+    else:
+      # `is_causal` alone lets cuDNN use its fused causal kernel; other masks go explicitly.
+      impl = "cudnn" if c.attention == "cudnn" else None
+      mask = None if plain_causal else mask_BxTxT[:, None]
+      out_BxTxHxK = jax.nn.dot_product_attention(
+          q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask, is_causal=plain_causal,
+          implementation=impl)
+    out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, axes)
+    return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, wo_HxKxD.astype(dt))
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    c = self.config
+    dt = c.compute_dtype
+    w_gate = _param(self, "gate", _kernel_init(0, 1), (c.d_model, c.mlp_dim), ("embed", "mlp"))
+    w_up = _param(self, "up", _kernel_init(0, 1), (c.d_model, c.mlp_dim), ("embed", "mlp"))
+    w_down = _param(self, "down", _kernel_init(0, 1), (c.mlp_dim, c.d_model), ("mlp", "embed"))
+    x = x_BxTxD.astype(dt)
+    h_BxTxF = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
+    h_BxTxF = nn.with_logical_constraint(
+        h_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
+    return h_BxTxF @ w_down.astype(dt)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)). Scan-compatible."""
+
+  config: ModelConfig
+  plain_causal: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT):
+    c = self.config
+    act_axes = ("activation_batch", "activation_length", "activation_embed")
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, act_axes)
+    h = RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x_BxTxD)
+    x_BxTxD = x_BxTxD + Attention(c, name="attn")(h, positions_BxT, mask_BxTxT, self.plain_causal)
+    h = RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x_BxTxD)
+    x_BxTxD = x_BxTxD + MLP(c, name="mlp")(h)
+    return nn.with_logical_constraint(x_BxTxD, act_axes), None
+
+
+def _remat_policy(name: str):
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "minimal":  # keep matmul outputs, recompute the cheap elementwise work
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return None
+
+
+class Decoder(nn.Module):
+  """Token ids `BxT` -> float32 logits `BxTxV`.
+
+  `segment_ids_BxT` (packed sequences; 0 = padding), `positions_BxT` (restart per segment) and
+  `prefix_mask_BxT` (1 on prefix-LM input tokens) are optional; without them the mask is plain
+  causal over one sequence.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, prefix_mask_BxT=None):
+    c = self.config
+    B, T = tokens_BxT.shape
+    plain_causal = segment_ids_BxT is None and prefix_mask_BxT is None
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_BxTxT = attention_mask(segment_ids_BxT, prefix_mask_BxT)
+
+    embedding_VxD = _param(self, "embedding", nn.initializers.normal(c.init_std),
+                           (c.vocab_size, c.d_model), ("vocab", "embed"))
+    x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype)
+
+    layer = DecoderLayer
+    policy = _remat_policy(c.remat)
+    if c.remat != "none":
+      layer = nn.remat(layer, policy=policy, prevent_cse=False)
+    stack = nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x_BxTxD, _ = stack(c, plain_causal, name="layers")(x_BxTxD, positions_BxT, mask_BxTxT)
+
+    x_BxTxD = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x_BxTxD)
+    if c.tie_embeddings:
+      head_DxV = embedding_VxD.T
+    else:
+      head_DxV = _param(self, "head", _kernel_init(0, 1), (c.d_model, c.vocab_size),
+                        ("embed", "vocab"))
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(c.compute_dtype))
+    logits_BxTxV = nn.with_logical_constraint(
+        logits_BxTxV, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits_BxTxV.astype(jnp.float32)
+
+
+def init_params(config: ModelConfig, rng, seq_len: int = 8):
+  """Plain (unboxed) float32 parameters of a freshly initialised model."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return nn.unbox(Decoder(config).init(rng, tokens)["params"])
+
+
+def logical_axes(config: ModelConfig):
+  """Pytree (matching `init_params`) of `PartitionSpec`s over logical axis names."""
+  boxed = jax.eval_shape(
+      lambda: Decoder(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  return nn.get_partition_spec(boxed)["params"]
+
+
+def num_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def matmul_params(config: ModelConfig, depth: int | None = None) -> int:
+  """Parameters that take part in a matmul per token: layer kernels plus the output head.
+
+  The input embedding is a lookup, not a matmul, and norm scales are negligible.
+  """
+  L = config.num_layers if depth is None else depth
+  D, H, K, F = config.d_model, config.num_heads, config.head_dim, config.mlp_dim
+  per_layer = 4 * D * H * K + 3 * D * F
+  return L * per_layer + D * config.vocab_size
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int, depth: int | None = None) -> float:
+  """Model FLOPs to train on one token (forward + backward), PaLM-style.
+
+  `6 * N + 12 * L * H * K * T`: N = `matmul_params` (2 FLOPs per multiply-add, x3 for the
+  backward pass), plus the attention score and value matmuls (QK^T and AV: `2 * 2 * T * H * K`
+  forward per token per layer, x3 for backward). The full `TxT` square is counted, as XLA
+  computes it even under a causal mask. Remat recomputation is not counted (model FLOPs).
+  """
+  L = config.num_layers if depth is None else depth
+  return 6.0 * matmul_params(config, L) + 12.0 * L * config.num_heads * config.head_dim * seq_len
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def apply(config: ModelConfig, params, tokens_BxT, segment_ids_BxT=None, positions_BxT=None,
+          prefix_mask_BxT=None):
+  """Jitted forward pass for notebooks and tests."""
+  return Decoder(config).apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT,
+                               prefix_mask_BxT)
