@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (once) and run the test suite: the README's second command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,362 @@
+"""The scanned decoder: shapes, masks, numerics, parameter layout and FLOP counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec
+
+from midas_jax import model
+
+# Same tiny config as the other test modules, so jitted inits are compiled once per session.
+CFG = model.ModelConfig(vocab_size=64, d_model=32, num_heads=2, head_dim=16, mlp_dim=64,
+                        num_layers=2)
+B, T = 2, 12
+LOGICAL_NAMES = {"layers", "embed", "mlp", "heads", "kv", "vocab"}
+
+_init = jax.jit(model.init_params, static_argnums=(0, 2))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _init(CFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, CFG.vocab_size)
+
+
+def _apply(params, tokens, config=CFG, **kw):
+  return np.asarray(model.apply(config, params, tokens, **kw))
+
+
+def _change(tokens, positions):
+  """A copy of `tokens` with different ids at `positions` (in every row)."""
+  out = np.array(tokens)
+  out[:, positions] = (out[:, positions] + 1 + np.arange(len(positions))) % CFG.vocab_size
+  return jnp.asarray(out)
+
+
+def _max_diff(a, b):
+  return float(np.max(np.abs(a - b)))
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes, dtypes and the parameter tree
+
+
+def test_output_shape_and_dtype(params, tokens):
+  logits = _apply(params, tokens)
+  assert logits.shape == (B, T, CFG.vocab_size)
+  assert logits.dtype == np.float32
+  assert np.isfinite(logits).all()
+
+
+def test_params_tree_layout(params):
+  D, H, K, F, V, L = 32, 2, 16, 64, 64, 2
+  shapes = jax.tree_util.tree_map(lambda x: x.shape, params)
+  assert shapes == {
+      "embedding": (V, D),
+      "final_norm": {"scale": (D,)},
+      "layers": {
+          "attn": {"q": (L, D, H, K), "k": (L, D, H, K), "v": (L, D, H, K), "o": (L, H, K, D)},
+          "attn_norm": {"scale": (L, D)},
+          "mlp": {"gate": (L, D, F), "up": (L, D, F), "down": (L, F, D)},
+          "mlp_norm": {"scale": (L, D)},
+      },
+  }
+  for x in jax.tree_util.tree_leaves(params):
+    assert x.dtype == jnp.float32
+  # Norm scales start at one; the stacked layers are initialised independently.
+  assert np.array_equal(params["layers"]["attn_norm"]["scale"], np.ones((L, D), np.float32))
+  assert not np.array_equal(params["layers"]["attn"]["q"][0], params["layers"]["attn"]["q"][1])
+  assert model.num_params(params) == V * D + D + L * (4 * D * H * K + 3 * D * F + 2 * D)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3, 5])
+def test_every_layer_leaf_has_depth_leading_dim(num_layers):
+  config = CFG.replace(num_layers=num_layers)
+  shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  reference = jax.eval_shape(lambda: model.init_params(CFG, jax.random.PRNGKey(0)))
+  leaves = jax.tree_util.tree_leaves(shapes["layers"])
+  ref_leaves = jax.tree_util.tree_leaves(reference["layers"])
+  assert len(leaves) == 9
+  for x, ref in zip(leaves, ref_leaves):
+    assert x.shape == (num_layers,) + ref.shape[1:]
+  # Everything outside `layers` is independent of depth.
+  for key in ("embedding", "final_norm"):
+    assert jax.tree_util.tree_map(lambda x: x.shape, shapes[key]) == jax.tree_util.tree_map(
+        lambda x: x.shape, reference[key])
+
+
+def test_logical_axes_name_every_param(params):
+  axes = model.logical_axes(CFG)
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  specs = jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_spec)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  assert [p for p, _ in specs] == [p for p, _ in leaves]
+  for (path, spec), (_, x) in zip(specs, leaves):
+    assert is_spec(spec), path
+    assert len(spec) == x.ndim, path
+    assert all(name in LOGICAL_NAMES for name in spec), (path, spec)
+    in_layers = jax.tree_util.keystr(path).startswith("['layers']")
+    assert (spec[0] == "layers") == in_layers, (path, spec)
+    assert list(spec).count("layers") == int(in_layers), (path, spec)
+  assert axes["embedding"] == PartitionSpec("vocab", "embed")
+  assert axes["layers"]["attn"]["q"] == PartitionSpec("layers", "embed", "heads", "kv")
+  assert axes["layers"]["attn"]["o"] == PartitionSpec("layers", "heads", "kv", "embed")
+  assert axes["layers"]["mlp"]["down"] == PartitionSpec("layers", "mlp", "embed")
+  untied = model.logical_axes(CFG.replace(tie_embeddings=False))
+  assert untied["head"] == PartitionSpec("embed", "vocab")
+
+
+# --------------------------------------------------------------------------------------------
+# Masking: causality, packed segments, prefix LM
+
+
+ATTENTIONS = ["xla", "dot_product"]
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_causal(params, tokens, attention):
+  config = CFG.replace(attention=attention)
+  base = _apply(params, tokens, config)
+  changed = _apply(params, _change(tokens, [7]), config)
+  assert _max_diff(base[:, :7], changed[:, :7]) <= 1e-6
+  for t in range(7, T):  # the changed token and everything after it sees the change
+    assert _max_diff(base[:, t], changed[:, t]) > 1e-4, t
+
+
+def _packed_inputs():
+  # Row 0: segments of 5 and 7 tokens. Row 1: 4 + 6 tokens and 2 padding tokens (segment 0).
+  segment_ids = np.array([[1] * 5 + [2] * 7, [1] * 4 + [2] * 6 + [0] * 2], np.int32)
+  positions = np.array([list(range(5)) + list(range(7)), list(range(4)) + list(range(6)) + [0, 1]],
+                       np.int32)
+  return jnp.asarray(segment_ids), jnp.asarray(positions)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_segments_are_isolated(params, tokens, attention):
+  config = CFG.replace(attention=attention)
+  seg, pos = _packed_inputs()
+  kw = dict(segment_ids_BxT=seg, positions_BxT=pos)
+  base = _apply(params, tokens, config, **kw)
+  seg1 = np.asarray(seg) == 1
+  seg2 = np.asarray(seg) == 2
+  # Changing every token of segment 2 leaves segment 1 untouched, and vice versa.
+  out = _apply(params, _change(tokens, list(range(5, 10))), config, **kw)
+  assert _max_diff(base[seg1], out[seg1]) <= 1e-6
+  assert _max_diff(base[seg2], out[seg2]) > 1e-4
+  out = _apply(params, _change(tokens, [0, 1, 2, 3]), config, **kw)
+  assert _max_diff(base[seg2], out[seg2]) <= 1e-6
+  assert _max_diff(base[seg1], out[seg1]) > 1e-4
+  # Padding (segment 0) does not leak into real tokens.
+  out = _apply(params, _change(tokens, [10, 11]), config, **kw)
+  assert _max_diff(base[1, :10], out[1, :10]) <= 1e-6
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_positions_restart_per_segment(params, tokens, attention):
+  config = CFG.replace(attention=attention)
+  seg = jnp.asarray(np.array([[1] * 6 + [2] * 6] * B, np.int32))
+  pos = jnp.asarray(np.array([list(range(6)) * 2] * B, np.int32))
+  packed = _apply(params, tokens, config, segment_ids_BxT=seg, positions_BxT=pos)
+  doc_a = _apply(params, tokens[:, :6], config)
+  doc_b = _apply(params, tokens[:, 6:], config)
+  np.testing.assert_allclose(packed[:, 6:], doc_b, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(packed[:, :6], doc_a, atol=1e-5, rtol=0)
+  # Without restarting positions, docB sees different rotary phases: the check has teeth.
+  shifted = _apply(params, tokens, config, segment_ids_BxT=seg,
+                   positions_BxT=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+  assert _max_diff(shifted[:, 6:], doc_b) > 1e-4
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_prefix_lm_mask(params, tokens, attention):
+  config = CFG.replace(attention=attention)
+  prefix = jnp.asarray(np.array([[1] * 5 + [0] * 7] * B, np.int32))
+  base = _apply(params, tokens, config, prefix_mask_BxT=prefix)
+  # A later prefix token changes the earlier prefix tokens' logits (bidirectional prefix)...
+  out = _apply(params, _change(tokens, [4]), config, prefix_mask_BxT=prefix)
+  for t in range(5):
+    assert _max_diff(base[:, t], out[:, t]) > 1e-4, t
+  # ...target tokens never affect the prefix...
+  out = _apply(params, _change(tokens, list(range(5, T))), config, prefix_mask_BxT=prefix)
+  assert _max_diff(base[:, :5], out[:, :5]) <= 1e-6
+  # ...and targets stay causal among themselves.
+  out = _apply(params, _change(tokens, [9]), config, prefix_mask_BxT=prefix)
+  assert _max_diff(base[:, :9], out[:, :9]) <= 1e-6
+  assert _max_diff(base[:, 9:], out[:, 9:]) > 1e-4
+  # With an all-zero prefix mask it is the plain causal model.
+  plain = _apply(params, tokens, config)
+  zero = _apply(params, tokens, config, prefix_mask_BxT=jnp.zeros((B, T), jnp.int32))
+  assert _max_diff(plain, zero) <= 1e-5
+
+
+def test_attention_mask_hand_written():
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+  prefix = jnp.array([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+  expected = np.array([
+      [[1, 1, 0, 0, 0, 0],
+       [1, 1, 0, 0, 0, 0],
+       [1, 1, 1, 0, 0, 0],
+       [0, 0, 0, 1, 0, 0],
+       [0, 0, 0, 1, 1, 0],
+       [0, 0, 0, 0, 0, 1]],
+      [[1, 1, 1, 0, 0, 0],
+       [1, 1, 1, 0, 0, 0],
+       [1, 1, 1, 0, 0, 0],
+       [1, 1, 1, 1, 0, 0],
+       [1, 1, 1, 1, 1, 0],
+       [1, 1, 1, 1, 1, 1]],
+  ], dtype=bool)
+  mask = np.asarray(model.attention_mask(segment_ids, prefix))
+  assert mask.dtype == bool
+  np.testing.assert_array_equal(mask, expected)
+  # Without a prefix: causal within segments.
+  expected_causal = np.array([
+      [1, 0, 0, 0, 0, 0],
+      [1, 1, 0, 0, 0, 0],
+      [1, 1, 1, 0, 0, 0],
+      [0, 0, 0, 1, 0, 0],
+      [0, 0, 0, 1, 1, 0],
+      [0, 0, 0, 0, 0, 1]], dtype=bool)
+  mask = np.asarray(model.attention_mask(segment_ids[:1]))
+  np.testing.assert_array_equal(mask[0], expected_causal)
+
+
+@pytest.mark.parametrize("inputs", ["plain", "segments", "prefix", "segments+prefix"])
+def test_dot_product_matches_xla(params, tokens, inputs):
+  seg, pos = _packed_inputs()
+  prefix = jnp.asarray(np.array([[1] * 3 + [0] * 2 + [1] * 4 + [0] * 3] * B, np.int32))
+  kw = {}
+  if "segments" in inputs:
+    kw.update(segment_ids_BxT=seg, positions_BxT=pos)
+  if "prefix" in inputs:
+    kw.update(prefix_mask_BxT=prefix)
+  xla = _apply(params, tokens, CFG, **kw)
+  dot = _apply(params, tokens, CFG.replace(attention="dot_product"), **kw)
+  np.testing.assert_allclose(dot, xla, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics: remat, bfloat16, tied embeddings
+
+
+def _loss(params, config, tokens):
+  logits = model.Decoder(config).apply({"params": params}, tokens[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+_loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+
+
+def test_remat_gives_same_loss_and_grads(params, tokens):
+  loss, grads = _loss_and_grad(params, CFG, tokens)
+  assert np.isfinite(float(loss))
+  assert float(loss) == pytest.approx(np.log(CFG.vocab_size), rel=0.1)  # near-uniform at init
+  for remat in ("full", "minimal"):
+    loss_r, grads_r = _loss_and_grad(params, CFG.replace(remat=remat), tokens)
+    assert float(loss_r) == pytest.approx(float(loss), abs=1e-5), remat
+    for g, g_r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)):
+      np.testing.assert_allclose(g_r, g, atol=1e-5, rtol=1e-5, err_msg=remat)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_bfloat16_compute_is_close_to_float32(params, tokens):
+  f32 = _apply(params, tokens)
+  bf16 = model.apply(CFG.replace(dtype="bfloat16"), params, tokens)
+  assert bf16.dtype == jnp.float32  # logits come back in float32
+  bf16 = np.asarray(bf16)
+  assert np.isfinite(bf16).all()
+  assert not np.array_equal(bf16, f32)  # it really computed in lower precision
+  scale = float(np.max(np.abs(f32)))
+  assert _max_diff(bf16, f32) <= 0.05 * scale
+  # Params stay float32 under a bfloat16 config.
+  shapes = jax.eval_shape(lambda: model.init_params(CFG.replace(dtype="bfloat16"),
+                                                    jax.random.PRNGKey(0)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(shapes))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+
+
+def test_tied_and_untied_embeddings(params, tokens):
+  assert "head" not in params
+  untied_cfg = CFG.replace(tie_embeddings=False)
+  untied = _init(untied_cfg, jax.random.PRNGKey(0))
+  assert untied["head"].shape == (CFG.d_model, CFG.vocab_size)
+  assert untied["head"].dtype == jnp.float32
+  assert set(untied) == set(params) | {"head"}
+  logits = _apply(untied, tokens, untied_cfg)
+  assert logits.shape == (B, T, CFG.vocab_size)
+  # The untied output head is used: zeroing it zeroes the logits.
+  zero_head = dict(untied, head=jnp.zeros_like(untied["head"]))
+  assert not np.any(_apply(zero_head, tokens, untied_cfg))
+  assert np.any(logits)
+  # The embedding row of a token absent from the input only feeds the output head: tied, it
+  # changes exactly that logit column; untied, it changes nothing.
+  unused = int(np.setdiff1d(np.arange(CFG.vocab_size), np.asarray(tokens))[0])
+  bump = lambda p: dict(p, embedding=p["embedding"].at[unused].add(0.5))
+  tied, tied_bumped = _apply(params, tokens), _apply(bump(params), tokens)
+  others = np.arange(CFG.vocab_size) != unused
+  assert np.array_equal(tied[..., others], tied_bumped[..., others])
+  assert np.all(tied[..., unused] != tied_bumped[..., unused])
+  assert np.array_equal(logits, _apply(bump(untied), tokens, untied_cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP and parameter counts
+
+
+def test_matmul_params_matches_actual_param_counts():
+  config = CFG.replace(tie_embeddings=False, num_layers=3)
+  shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  kernels = sum(int(np.prod(x.shape))
+                for path, x in jax.tree_util.tree_flatten_with_path(shapes["layers"])[0]
+                if "scale" not in jax.tree_util.keystr(path))
+  expected = kernels + int(np.prod(shapes["head"].shape))
+  assert model.matmul_params(config) == expected
+  D, H, K, F, V = 32, 2, 16, 64, 64
+  assert expected == 3 * (4 * D * H * K + 3 * D * F) + D * V
+  # `depth` overrides num_layers; tying does not change the matmul count (the head is a matmul).
+  assert model.matmul_params(config, depth=1) == (4 * D * H * K + 3 * D * F) + D * V
+  assert model.matmul_params(config.replace(tie_embeddings=True)) == expected
+
+
+@pytest.mark.parametrize("seq_len", [16, 1024])
+def test_train_flops_per_token_hand_computation(seq_len):
+  config = model.ModelConfig(vocab_size=100, d_model=48, num_heads=3, head_dim=8, mlp_dim=80,
+                             num_layers=5)
+  D, H, K, F, V, L = 48, 3, 8, 80, 100, 5
+  n_matmul = L * (D * 3 * H * K + H * K * D + 3 * D * F) + D * V
+  assert model.matmul_params(config) == n_matmul
+  expected = 6 * n_matmul + 12 * L * H * K * seq_len
+  assert model.train_flops_per_token(config, seq_len) == expected
+  n2 = 2 * (4 * D * H * K + 3 * D * F) + D * V
+  assert model.train_flops_per_token(config, seq_len, depth=2) == 6 * n2 + 12 * 2 * H * K * seq_len
+
+
+# --------------------------------------------------------------------------------------------
+# Config validation
+
+
+@pytest.mark.parametrize("field,value", [
+    ("remat", "foo"), ("attention", "foo"), ("dtype", "float16"), ("head_dim", 15),
+    ("vocab_size", 0), ("d_model", 0), ("num_heads", 0), ("head_dim", 0), ("mlp_dim", 0),
+    ("num_layers", 0), ("num_layers", -1),
+])
+def test_config_rejects_invalid_values(field, value):
+  with pytest.raises(ValueError) as info:
+    CFG.replace(**{field: value})
+  message = str(info.value)
+  assert f"ModelConfig.{field}" in message, message
+  assert str(value) in message, message
+
+
+@pytest.mark.parametrize("field,value", [
+    ("remat", "full"), ("remat", "minimal"), ("attention", "dot_product"),
+    ("attention", "cudnn"), ("dtype", "bfloat16"),
+])
+def test_config_accepts_valid_values(field, value):
+  assert getattr(CFG.replace(**{field: value}), field) == value
