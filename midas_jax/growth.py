@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +171,9 @@ def grow_opt_state(opt_state, k: int, *, strategy: str = "midas", mode: str = "c
   Modes: `copy` (moments follow their parameters through the same operator; for `random` the
   fresh block has no source and gets zeros), `zero` (the inserted layers get zero moments,
   old ones keep theirs), `reset` (fresh state: `init_fn()` if given, e.g.
-  `lambda: tx.init(new_params)`, else the grown tree with every array zeroed).
+  `lambda: tx.init(new_params)`, else the grown tree with its moments and counters zeroed
+  and its hyperparameters kept). The optimizer's own step count restarts with fresh moments
+  (Adam's bias correction needs that); the trainer's learning rate follows the global step.
   Non-layer leaves (step counts, embeddings' moments) are kept in `copy` and `zero`.
   """
   if mode not in OPT_STATE_MODES:
@@ -186,6 +188,21 @@ def grow_opt_state(opt_state, k: int, *, strategy: str = "midas", mode: str = "c
   else:
     grown = _apply_plan(opt_state, k, strategy, zeros)
   if mode == "reset":
-    grown = jax.tree_util.tree_map(jnp.zeros_like, grown)
+    grown = _fresh(grown)
   return grown
 
+
+def _fresh(opt_state):
+  """Zero what an optimizer accumulates, keep its settings.
+
+  Every param-shaped tree (a mapping holding a `layers` key: moments, traces) and every
+  integer counter is zeroed; other leaves (e.g. `inject_hyperparams` values such as the
+  learning rate) are hyperparameters and are kept.
+  """
+  is_param_tree = lambda n: isinstance(n, Mapping) and "layers" in n
+
+  def reset(node):
+    if is_param_tree(node):
+      return jax.tree_util.tree_map(jnp.zeros_like, node)
+    return jnp.zeros_like(node) if jnp.issubdtype(jnp.result_type(node), jnp.integer) else node
+  return jax.tree_util.tree_map(reset, opt_state, is_leaf=is_param_tree)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -36,8 +37,9 @@ def prop_schedule(total_steps: int, num_layers: int, block_size: int, alpha: flo
   """Prop-alpha: stage `i` of `n = num_layers / block_size` gets steps proportional to `i**alpha`.
 
   Steps are integers that add up to `total_steps` exactly: the cumulative boundaries
-  `round(T * sum_{j<=i} j^a / sum_j j^a)` are rounded, so each stage is within one step of its
-  real-valued share, and every stage keeps at least one step.
+  `T * sum_{j<=i} j^a / sum_j j^a` are rounded, so each stage is within one step of its
+  real-valued share (unless that share is under one step: every stage keeps at least one),
+  and stage lengths never decrease.
   """
   n = _check_blocks(num_layers, block_size)
   if alpha < 0:
@@ -51,7 +53,9 @@ def prop_schedule(total_steps: int, num_layers: int, block_size: int, alpha: flo
   for i in range(n):  # keep every stage >= 1 step without breaking the exact sum
     lo = (bounds[i - 1] if i else 0) + 1
     bounds[i] = min(max(bounds[i], lo), total_steps - (n - 1 - i))
-  steps = np.diff(np.concatenate([[0], bounds]))
+  # Shares rise with i; rounding can swap neighbours by a step, so restore the order
+  # (sorting keeps the exact sum and the one-step minimum).
+  steps = np.sort(np.diff(np.concatenate([[0], bounds])))
   return tuple(Stage((i + 1) * block_size, int(s)) for i, s in enumerate(steps))
 
 
@@ -72,9 +76,13 @@ def explicit_schedule(stages: Sequence, num_layers: int, block_size: int) -> Sch
                        'e.g. --gin.STAGES="[(4, 100), (8, 300)]".') from e
   _check_blocks(num_layers, block_size)
   try:
-    out = tuple(Stage(int(d), int(s)) for d, s in stages)
+    pairs = [(d, s) for d, s in stages]
   except (TypeError, ValueError) as e:
     raise ValueError(f"STAGES={stages!r} must be a list of (depth, steps) pairs.") from e
+  if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+             for pair in pairs for x in pair):
+    raise ValueError(f"STAGES={stages!r} must hold integer (depth, steps) pairs.")
+  out = tuple(Stage(int(d), int(s)) for d, s in pairs)
   if not out:
     raise ValueError("STAGES is empty; give at least one (depth, steps) pair.")
   prev = 0
@@ -96,7 +104,12 @@ def make_schedule(kind: str = "prop", total_steps: int = 1000, num_layers: int =
                   block_size: int = 1, alpha: float = 1.0, stages=None) -> Schedule:
   """The trainer's schedule: explicit `stages` when given, else `prop` or `baseline`."""
   if stages is not None:
-    return explicit_schedule(stages, num_layers, block_size)
+    out = explicit_schedule(stages, num_layers, block_size)
+    if total_steps is not None and total_steps != sum(s.steps for s in out):
+      logging.getLogger("midas_jax").warning(
+          "STAGES add up to %d steps; they win over TRAIN_STEPS=%d.",
+          sum(s.steps for s in out), total_steps)
+    return out
   if kind == "prop":
     return prop_schedule(total_steps, num_layers, block_size, alpha)
   if kind == "baseline":

@@ -1,8 +1,47 @@
-"""Shared pytest setup: make `midas_jax` importable when pytest is run from anywhere."""
+"""Shared pytest setup: import path, faster XLA compiles, a shared jitted LM loss."""
 
 import os
 import sys
 
+import pytest
+
+# Make `midas_jax` importable however pytest is started (not only as `python -m pytest`).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
+
+import jax  # noqa: E402  (after the path set-up above)
+import optax  # noqa: E402
+
+from midas_jax import model  # noqa: E402
+
+_FAST_FLAG = "jax_disable_most_optimizations"
+
+
+@pytest.fixture(scope="module")
+def fast_xla_compiles():
+  """Tiny test models take far longer to compile than to run: skip XLA's backend optimizations.
+
+  Only the LLVM backend work is cut (`xla_backend_optimization_level=0`); the HLO semantics
+  are unchanged. Restored when the module that asked for it is done. Use with
+  `pytestmark = pytest.mark.usefixtures("fast_xla_compiles")`.
+  """
+  previous = jax.config.values[_FAST_FLAG]
+  jax.config.update(_FAST_FLAG, True)
+  yield
+  jax.config.update(_FAST_FLAG, previous)
+
+
+def _lm_loss(params, config, tokens_BxT):
+  """Mean next-token cross-entropy of the decoder on `tokens_BxT`."""
+  logits = model.Decoder(config).apply({"params": params}, tokens_BxT[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxT[:, 1:]).mean()
+
+
+_LM_LOSS_AND_GRAD = jax.jit(jax.value_and_grad(_lm_loss), static_argnums=1)
+
+
+@pytest.fixture(scope="session")
+def lm_loss_and_grad():
+  """`(params, config, tokens) -> (loss, grads)`, jitted once for all modules (shared compiles)."""
+  return _LM_LOSS_AND_GRAD

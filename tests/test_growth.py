@@ -14,6 +14,8 @@ import pytest
 from midas_jax import growth
 from midas_jax import model
 
+pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
+
 CFG = model.ModelConfig(vocab_size=64, d_model=32, num_heads=2, head_dim=16, mlp_dim=64,
                         num_layers=2)
 MAX_DEPTH = 18  # 6 blocks of 3
@@ -145,22 +147,39 @@ def test_layer_sources_match_definition(depth, k, strategy):
   assert offset == depth + k
 
 
+@pytest.fixture(scope="module")
+def filled_grown():
+  """{(strategy, depth, k): grown filled tree} for GRID, in one jit per strategy.
+
+  (One compile instead of one eager compile per op and shape and case; the eager path, where
+  non-layer leaves pass through as the same objects, is test_grow_does_not_modify_input.)
+  """
+  trees = [_filled_tree(depth) for depth, _ in GRID]
+  out = {}
+  for strategy in ("midas", "gradstack"):
+    grow_all = jax.jit(lambda ts, strategy=strategy: [
+        growth.grow_params(t, k, strategy=strategy) for t, (_, k) in zip(ts, GRID)])
+    for (depth, k), grown in zip(GRID, grow_all(trees)):
+      out[strategy, depth, k] = grown
+  return out
+
+
 @pytest.mark.parametrize("strategy", ["midas", "gradstack"])
 @pytest.mark.parametrize("depth,k", GRID)
-def test_grow_filled_tree_layer_by_layer(depth, k, strategy):
+def test_grow_filled_tree_layer_by_layer(filled_grown, depth, k, strategy):
   tree = _filled_tree(depth)
-  grown = growth.grow_params(tree, k, strategy=strategy)
+  grown = filled_grown[strategy, depth, k]
   sources = _expected_sources(depth, k, strategy)
   assert growth.tree_depth(grown) == depth + k
   for name, x in _layer_leaves(grown).items():
     x = np.asarray(x)
     assert x.shape[0] == depth + k, name
+    assert x.dtype == _layer_leaves(tree)[name].dtype, name
     values = [int(np.unique(x[j]).item()) for j in range(depth + k)]  # each layer is constant
     assert values == sources, name
-  # Non-layer leaves are passed through as the very same objects.
+  # Non-layer leaves are unchanged.
   for key, value in _non_layer_leaves(tree).items():
-    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: a is b, value,
-                                                         grown[key]))
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, value, grown[key]))
 
 
 @pytest.fixture(scope="module")
@@ -199,18 +218,21 @@ def test_real_layers_are_distinguishable(big_params):
     assert len({row.tobytes() for row in flat}) == MAX_DEPTH, name
 
 
-@pytest.mark.parametrize("strategy", ["midas", "gradstack", "random"])
-def test_grow_does_not_modify_input(big_params, strategy):
-  trees = [_filled_tree(6, with_int=strategy != "random")]
-  if strategy != "random":  # eager `random` on real params is slow; the filled tree covers it
-    trees.append(jax.tree_util.tree_map(np.array, _truncate(big_params, 6)))
+@pytest.mark.parametrize("strategy,depth,k", [
+    ("midas", 6, 2), ("midas", 5, 1), ("gradstack", 6, 2), ("gradstack", 5, 1), ("random", 6, 2),
+])
+def test_grow_does_not_modify_input(big_params, strategy, depth, k):
+  # Eager growth of numpy trees (the path users take), checked layer by layer.
+  trees = [_filled_tree(depth, with_int=strategy != "random")]
+  if strategy != "random" and k == 2:  # eager `random` on real params is slow
+    trees.append(jax.tree_util.tree_map(np.array, _truncate(big_params, depth)))
   for tree in trees:
     before = copy.deepcopy(tree)
-    grown = growth.grow_params(tree, 2, strategy=strategy, rng=jax.random.PRNGKey(1))
-    _assert_layers_follow(grown, tree, _expected_sources(6, 2, strategy))
+    grown = growth.grow_params(tree, k, strategy=strategy, rng=jax.random.PRNGKey(1))
+    _assert_layers_follow(grown, tree, _expected_sources(depth, k, strategy))
+    # Non-layer leaves pass through as the very same objects.
     assert grown["embedding"] is tree["embedding"]
-    assert grown["final_norm"] is tree["final_norm"] or (
-        grown["final_norm"]["scale"] is tree["final_norm"]["scale"])
+    assert grown["final_norm"]["scale"] is tree["final_norm"]["scale"]
     assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(before)
     for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(before)):
       assert a.dtype == b.dtype and np.array_equal(a, b)
@@ -218,8 +240,7 @@ def test_grow_does_not_modify_input(big_params, strategy):
 
 # All grown to depth 8 so that one compiled forward pass serves every case.
 @pytest.mark.parametrize("strategy,depth,k", [
-    ("midas", 6, 2), ("midas", 7, 1), ("midas", 4, 4), ("gradstack", 7, 1), ("gradstack", 6, 2),
-    ("random", 6, 2),
+    ("midas", 6, 2), ("midas", 4, 4), ("gradstack", 7, 1), ("random", 6, 2),
 ])
 def test_grown_model_runs(big_params, strategy, depth, k):
   params = _truncate(big_params, depth)
@@ -294,9 +315,8 @@ def test_random_with_model_init_fn(big_params):
                                    init_fn=lambda r: _init_fn(k)(r)["layers"])
   for a, b in zip(jax.tree_util.tree_leaves(grown), jax.tree_util.tree_leaves(only_layers)):
     assert np.array_equal(a, b)
-  logits = model.apply(CFG.replace(num_layers=depth + k), grown,
-                       jnp.zeros((1, 8), jnp.int32))
-  assert logits.shape == (1, 8, CFG.vocab_size)
+  logits = model.apply(CFG.replace(num_layers=depth + k), grown, jnp.zeros((2, 8), jnp.int32))
+  assert logits.shape == (2, 8, CFG.vocab_size)
 
 
 def test_random_init_fn_with_wrong_depth_raises(big_params):
@@ -326,12 +346,6 @@ def test_random_is_deterministic_given_rng(big_params, use_init_fn):
 # Copies are independent parameters
 
 
-def _lm_loss(params, config, tokens):
-  logits = model.Decoder(config).apply({"params": params}, tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-
-_loss_and_grad = jax.jit(jax.value_and_grad(_lm_loss), static_argnums=1)
 TOKENS = jax.random.randint(jax.random.PRNGKey(42), (2, 9), 0, CFG.vocab_size)
 
 
@@ -341,10 +355,10 @@ def _optax_step(tx, grads, state, params):
   return optax.apply_updates(params, updates), state
 
 
-def test_copies_train_independently(big_params):
+def test_copies_train_independently(big_params, lm_loss_and_grad):
   params = _truncate(big_params, 6)
   grown = growth.grow_params(params, 2, strategy="midas")  # sources [0, 1, 2, 3, 2, 3, 4, 5]
-  _, grads = _loss_and_grad(grown, CFG.replace(num_layers=8), TOKENS)
+  _, grads = lm_loss_and_grad(grown, CFG.replace(num_layers=8), TOKENS)
   tx = optax.sgd(0.5)
   updates, _ = tx.update(grads, tx.init(grown), grown)
   stepped = optax.apply_updates(grown, updates)
@@ -384,13 +398,14 @@ def _adam_state(state):
 def _with_moments(state, seed):
   """`state` as if after two steps: count 2 and distinct nonzero mu / nu in every layer."""
   rs = np.random.default_rng(seed)
-  normal = lambda x: jnp.asarray(rs.standard_normal(x.shape).astype(np.float32))
+  normal = lambda x: rs.standard_normal(x.shape).astype(np.float32)
 
   def fill(node):
     if isinstance(node, optax.ScaleByAdamState):
-      return node._replace(count=jnp.asarray(2, node.count.dtype),
-                           mu=jax.tree_util.tree_map(normal, node.mu),
-                           nu=jax.tree_util.tree_map(lambda x: normal(x) ** 2, node.nu))
+      return node._replace(
+          count=jnp.asarray(2, node.count.dtype),
+          mu=jax.tree_util.tree_map(lambda x: jnp.asarray(normal(x)), node.mu),
+          nu=jax.tree_util.tree_map(lambda x: jnp.asarray(np.square(normal(x))), node.nu))
     return node
   state = jax.tree_util.tree_map(fill, state,
                                  is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
@@ -400,15 +415,15 @@ def _with_moments(state, seed):
 
 
 @pytest.fixture(scope="module")
-def trained_states(big_params):
+def opt_states(big_params):
   """{tx name: (tx, params, state)} with a mid-training optimizer state."""
   params = _truncate(big_params, OPT_DEPTH)
   return {name: (make(), params, _with_moments(make().init(params), seed))
           for seed, (name, make) in enumerate(TXS.items())}
 
 
-def test_trained_moments_differ_per_layer(trained_states):
-  for _, _, state in trained_states.values():
+def test_opt_states_have_distinct_moments_per_layer(opt_states):
+  for _, _, state in opt_states.values():
     adam = _adam_state(state)
     assert int(adam.count) == 2
     for tree in (adam.mu, adam.nu):
@@ -425,8 +440,8 @@ def _assert_same_shapes(a, b):
 
 @pytest.mark.parametrize("strategy", ["midas", "gradstack", "random"])
 @pytest.mark.parametrize("tx_name", sorted(TXS))
-def test_opt_state_copy_moments_follow_params(trained_states, tx_name, strategy):
-  tx, params, state = trained_states[tx_name]
+def test_opt_state_copy_moments_follow_params(opt_states, tx_name, strategy):
+  tx, params, state = opt_states[tx_name]
   grown_params = growth.grow_params(params, OPT_K, strategy="gradstack")  # same shapes for all
   grown = growth.grow_opt_state(state, OPT_K, strategy=strategy, mode="copy")
   _assert_same_shapes(grown, tx.init(grown_params))
@@ -447,8 +462,8 @@ def test_opt_state_copy_moments_follow_params(trained_states, tx_name, strategy)
 
 @pytest.mark.parametrize("strategy", ["midas", "gradstack", "random"])
 @pytest.mark.parametrize("tx_name", sorted(TXS))
-def test_opt_state_zero_mode(trained_states, tx_name, strategy):
-  tx, params, state = trained_states[tx_name]
+def test_opt_state_zero_mode(opt_states, tx_name, strategy):
+  tx, params, state = opt_states[tx_name]
   grown = growth.grow_opt_state(state, OPT_K, strategy=strategy, mode="zero")
   old, new = _adam_state(state), _adam_state(grown)
   new_block = _new_block(OPT_DEPTH, OPT_K, strategy)
@@ -471,41 +486,39 @@ def test_opt_state_zero_mode(trained_states, tx_name, strategy):
 
 @pytest.mark.parametrize("strategy", ["midas", "gradstack"])
 @pytest.mark.parametrize("tx_name", sorted(TXS))
-def test_opt_state_reset_mode(trained_states, tx_name, strategy):
-  tx, params, state = trained_states[tx_name]
+def test_opt_state_reset_mode(opt_states, tx_name, strategy):
+  tx, params, state = opt_states[tx_name]
   grown_params = growth.grow_params(params, OPT_K, strategy=strategy)
   zeroed = growth.grow_opt_state(state, OPT_K, strategy=strategy, mode="reset")
   _assert_same_shapes(zeroed, tx.init(grown_params))
-  for x in jax.tree_util.tree_leaves(zeroed):
+  adam = _adam_state(zeroed)  # fresh: zero moments and step count
+  for x in jax.tree_util.tree_leaves((adam.mu, adam.nu, adam.count)):
     assert not np.any(np.asarray(x))
+  if tx_name == "inject_adamw":  # hyperparameters are settings, not state: kept
+    assert float(zeroed.hyperparams["learning_rate"]) > 0
+    for h in state.hyperparams:
+      assert float(zeroed.hyperparams[h]) == float(state.hyperparams[h])
   fresh = tx.init(grown_params)
   out = growth.grow_opt_state(state, OPT_K, strategy=strategy, mode="reset",
                               init_fn=lambda: fresh)
   assert out is fresh
 
 
-_RESET_BUG = ("growth.grow_opt_state(mode='reset') without init_fn zeroes inject_hyperparams' "
-              "hyperparameters (learning_rate=0), so the grown state never trains (reported bug)")
-
-
 def _train_cases():
   for tx_name in sorted(TXS):
     for strategy in ("midas", "gradstack", "random"):
       for mode in ("copy", "zero", "reset", "reset_init_fn"):
-        marks = ()
-        if tx_name == "inject_adamw" and mode == "reset":
-          marks = pytest.mark.xfail(strict=True, reason=_RESET_BUG)
-        yield pytest.param(tx_name, strategy, mode, marks=marks)
+        yield pytest.param(tx_name, strategy, mode)
 
 
 @pytest.mark.parametrize("tx_name,strategy,mode", list(_train_cases()))
-def test_grown_opt_state_trains(trained_states, tx_name, strategy, mode):
-  tx, params, state = trained_states[tx_name]
+def test_grown_opt_state_trains(opt_states, lm_loss_and_grad, tx_name, strategy, mode):
+  tx, params, state = opt_states[tx_name]
   grown_params = _grow_jit(params, jax.random.PRNGKey(9), k=OPT_K, strategy=strategy)
   init_fn = (lambda: tx.init(grown_params)) if mode == "reset_init_fn" else None
   grown_state = growth.grow_opt_state(state, OPT_K, strategy=strategy, mode=mode[:5],
                                       init_fn=init_fn)
-  loss, grads = _loss_and_grad(grown_params, CFG.replace(num_layers=OPT_DEPTH + OPT_K), TOKENS)
+  loss, grads = lm_loss_and_grad(grown_params, CFG.replace(num_layers=OPT_DEPTH + OPT_K), TOKENS)
   assert np.isfinite(float(loss))
   stepped, new_state = _optax_step(tx, grads, grown_state, grown_params)
   new_block = _new_block(OPT_DEPTH, OPT_K, strategy)

@@ -3,11 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec
 
 from midas_jax import model
+
+pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
 
 # Same tiny config as the other test modules, so jitted inits are compiled once per session.
 CFG = model.ModelConfig(vocab_size=64, d_model=32, num_heads=2, head_dim=16, mlp_dim=64,
@@ -157,9 +158,8 @@ def test_segments_are_isolated(params, tokens, attention):
   assert _max_diff(base[1, :10], out[1, :10]) <= 1e-6
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
-def test_positions_restart_per_segment(params, tokens, attention):
-  config = CFG.replace(attention=attention)
+def test_positions_restart_per_segment(params, tokens):
+  config = CFG
   seg = jnp.asarray(np.array([[1] * 6 + [2] * 6] * B, np.int32))
   pos = jnp.asarray(np.array([list(range(6)) * 2] * B, np.int32))
   packed = _apply(params, tokens, config, segment_ids_BxT=seg, positions_BxT=pos)
@@ -167,10 +167,12 @@ def test_positions_restart_per_segment(params, tokens, attention):
   doc_b = _apply(params, tokens[:, 6:], config)
   np.testing.assert_allclose(packed[:, 6:], doc_b, atol=1e-5, rtol=0)
   np.testing.assert_allclose(packed[:, :6], doc_a, atol=1e-5, rtol=0)
-  # Without restarting positions, docB sees different rotary phases: the check has teeth.
-  shifted = _apply(params, tokens, config, segment_ids_BxT=seg,
-                   positions_BxT=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
-  assert _max_diff(shifted[:, 6:], doc_b) > 1e-4
+  # Positions are used: docB with all-zero positions (no order) gives different logits. (A
+  # constant offset per segment would not show: rotary scores depend on relative positions.)
+  flat = _apply(params, tokens, config, segment_ids_BxT=seg,
+                positions_BxT=jnp.asarray(np.array([list(range(6)) + [0] * 6] * B, np.int32)))
+  assert _max_diff(flat[:, 6:], doc_b) > 1e-4
+  np.testing.assert_allclose(flat[:, :6], doc_a, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -196,8 +198,10 @@ def test_prefix_lm_mask(params, tokens, attention):
 
 
 def test_attention_mask_hand_written():
-  segment_ids = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
-  prefix = jnp.array([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+  # Query i may see key j iff same segment and (j <= i or both are prefix tokens). Row 2 has a
+  # prefix that does not start the sequence: a target query must not see a later prefix key.
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+  prefix = jnp.array([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0]])
   expected = np.array([
       [[1, 1, 0, 0, 0, 0],
        [1, 1, 0, 0, 0, 0],
@@ -208,6 +212,12 @@ def test_attention_mask_hand_written():
       [[1, 1, 1, 0, 0, 0],
        [1, 1, 1, 0, 0, 0],
        [1, 1, 1, 0, 0, 0],
+       [1, 1, 1, 1, 0, 0],
+       [1, 1, 1, 1, 1, 0],
+       [1, 1, 1, 1, 1, 1]],
+      [[1, 0, 0, 0, 0, 0],
+       [1, 1, 0, 0, 0, 0],
+       [1, 1, 1, 1, 0, 0],
        [1, 1, 1, 1, 0, 0],
        [1, 1, 1, 1, 1, 0],
        [1, 1, 1, 1, 1, 1]],
@@ -245,24 +255,28 @@ def test_dot_product_matches_xla(params, tokens, inputs):
 # Numerics: remat, bfloat16, tied embeddings
 
 
-def _loss(params, config, tokens):
-  logits = model.Decoder(config).apply({"params": params}, tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-
-_loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
-
-
-def test_remat_gives_same_loss_and_grads(params, tokens):
-  loss, grads = _loss_and_grad(params, CFG, tokens)
+def test_remat_gives_same_loss_and_grads(lm_loss_and_grad):
+  # Depth 8 and tokens (2, 9), like test_growth's training checks, so the `none` compile is
+  # shared; the depth-8 params are stacked from draws of the compiled depth-2 init.
+  config = CFG.replace(num_layers=8)
+  inits = [_init(CFG, jax.random.PRNGKey(10 + i)) for i in range(4)]
+  params = dict(inits[0], layers=jax.tree_util.tree_map(
+      lambda *xs: jnp.concatenate(xs), *[p["layers"] for p in inits]))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, CFG.vocab_size)
+  loss, grads = lm_loss_and_grad(params, config, tokens)
   assert np.isfinite(float(loss))
   assert float(loss) == pytest.approx(np.log(CFG.vocab_size), rel=0.1)  # near-uniform at init
   for remat in ("full", "minimal"):
-    loss_r, grads_r = _loss_and_grad(params, CFG.replace(remat=remat), tokens)
+    loss_r, grads_r = lm_loss_and_grad(params, config.replace(remat=remat), tokens)
     assert float(loss_r) == pytest.approx(float(loss), abs=1e-5), remat
     for g, g_r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)):
       np.testing.assert_allclose(g_r, g, atol=1e-5, rtol=1e-5, err_msg=remat)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_scan_unroll_gives_same_logits(params, tokens):
+  unrolled = _apply(params, tokens, CFG.replace(scan_unroll=2))
+  np.testing.assert_allclose(unrolled, _apply(params, tokens), atol=1e-5, rtol=0)
 
 
 def test_bfloat16_compute_is_close_to_float32(params, tokens):
@@ -284,10 +298,13 @@ def test_bfloat16_compute_is_close_to_float32(params, tokens):
 def test_tied_and_untied_embeddings(params, tokens):
   assert "head" not in params
   untied_cfg = CFG.replace(tie_embeddings=False)
-  untied = _init(untied_cfg, jax.random.PRNGKey(0))
-  assert untied["head"].shape == (CFG.d_model, CFG.vocab_size)
-  assert untied["head"].dtype == jnp.float32
-  assert set(untied) == set(params) | {"head"}
+  shapes = jax.eval_shape(lambda: model.init_params(untied_cfg, jax.random.PRNGKey(0)))
+  assert shapes["head"].shape == (CFG.d_model, CFG.vocab_size)
+  assert shapes["head"].dtype == jnp.float32
+  assert set(shapes) == set(params) | {"head"}
+  # (Built from the tied params plus a head rather than a second compiled init, for speed.)
+  head = jax.random.normal(jax.random.PRNGKey(5), shapes["head"].shape) / np.sqrt(CFG.d_model)
+  untied = dict(params, head=head)
   logits = _apply(untied, tokens, untied_cfg)
   assert logits.shape == (B, T, CFG.vocab_size)
   # The untied output head is used: zeroing it zeroes the logits.

@@ -10,6 +10,8 @@ from midas_jax import config as config_lib
 from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
 
+pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
+
 TINY = ["--gin.midas_jax.model.ModelConfig.d_model=32", "--gin.midas_jax.model.ModelConfig.num_heads=2",
         "--gin.midas_jax.model.ModelConfig.head_dim=16", "--gin.midas_jax.model.ModelConfig.mlp_dim=64",
         "--gin.midas_jax.model.ModelConfig.vocab_size=64", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=16",
@@ -71,9 +73,10 @@ def test_each_depth_compiles_once_and_opt_modes_run(tmp_path, monkeypatch, mode)
   monkeypatch.setattr(train_lib, "train_step",
                       lambda state, batch, **kw: traced.append(kw["config"].num_layers)
                       or real(state, batch, **kw))
-  _parse(tmp_path, f"--gin.OPT_STATE_MODE='{mode}'", "--gin.BLOCK_SIZE=1")
+  _parse(tmp_path, f"--gin.OPT_STATE_MODE='{mode}'", "--gin.STAGES=[(2, 8), (4, 8), (6, 8)]",
+         "--gin.NUM_LAYERS=6")
   summary = train_lib.train(datasets_fn=_synthetic)
-  assert traced == [1, 2, 3, 4]  # one trace per depth: no retracing inside a stage
+  assert traced == [2, 4, 6]  # one trace per depth: no retracing inside a stage
   assert summary["opt_state_mode"] == mode and np.isfinite(summary["final_loss"])
 
 
