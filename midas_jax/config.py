@@ -19,9 +19,26 @@ from midas_jax import data, model, schedule
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 
+
+
+def _never_raises(exists):
+  def check(path):
+    try:
+      return exists(path)
+    except Exception:  # pylint: disable=broad-except
+      return False
+  return check
+
+
+# gin's package-resource reader crashes (TypeError) when a directory in the working directory
+# shadows a gin path as a namespace package, e.g. a `runs/` output directory against
+# `include 'runs/pretrain.gin'`; a failed check must just mean "not here, try the next path".
+gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access
+    (reader, _never_raises(exists)) for reader, exists in gin.config._FILE_READERS]  # pylint: disable=protected-access
+
 # The gin-configured ModelConfig: calling it applies the bindings of the parsed model file.
 ModelConfig = gin.external_configurable(model.ModelConfig, module="midas_jax.model")
-gin.external_configurable(schedule.make_schedule, module="midas_jax.schedule")
+make_schedule = gin.external_configurable(schedule.make_schedule, module="midas_jax.schedule")
 gin.external_configurable(data.make_datasets, module="midas_jax.data")
 
 USAGE = """\

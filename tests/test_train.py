@@ -2,6 +2,7 @@
 
 import json
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -143,3 +144,33 @@ def test_bare_word_values_become_strings():
        "--gin.Q='q'", "--gin_bindings=Y = 4"])
   assert files == ["a.gin"]
   assert bindings == ["MODEL_DIR = 'runs/x'", "X = 3", "S = [(1, 2)]", "Q = 'q'", "Y = 4"]
+
+
+def test_user_text_files_by_gin(tmp_path):
+  for i in range(4):
+    (tmp_path / f"doc{i}.txt").write_text(f"Document {i}. " + "The quick brown fox jumps. " * 60)
+  _parse(tmp_path, "--gin.TRAIN_STEPS=4", "--gin.midas_jax.model.ModelConfig.vocab_size=384",
+         "--gin.midas_jax.data.make_datasets.source=text_files",
+         f"--gin.midas_jax.data.make_datasets.text_files=['{tmp_path}/*.txt']",
+         "--gin.midas_jax.data.make_datasets.validation_fraction=0.0")
+  summary = train_lib.train()
+  assert "'documents': 4" in (tmp_path / "run" / "train.log").read_text()
+  assert np.isfinite(summary["final_loss"]) and summary["final_val_loss"] is None
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(config_lib.GIN_DIR))
+                                        for p in config_lib.GIN_DIR.glob("experiments/*.gin")))
+def test_every_experiment_file_builds_its_model_and_schedule(path):
+  config_lib.parse([f"--gin_file={path}"])
+  model = config_lib.ModelConfig()
+  stages = config_lib.make_schedule()
+  assert stages[-1].depth == model.num_layers
+  assert all(s.depth % gin.query_parameter("%BLOCK_SIZE") == 0 for s in stages)
+
+
+def test_output_dirs_named_like_gin_dirs_do_not_break_includes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for d in ("runs", "models", "schedules"):  # namespace packages shadowing gin/ subfolders
+    (tmp_path / d).mkdir()
+  config_lib.parse([f"--gin_file={config_lib.GIN_DIR / 'experiments' / 'quickstart.gin'}"])
+  assert config_lib.ModelConfig().num_layers == 6
