@@ -86,17 +86,22 @@ def make_optimizer(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
       learning_rate=0.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_clip=grad_clip)
 
 
-def loss_fn(params, batch, config: ModelConfig):
-  """Mean token cross-entropy over `loss_weights` (0 on padding and cross-document targets)."""
+def token_nll(params, batch, config: ModelConfig):
+  """Per-token cross-entropy `BxT` of the decoder on a packed batch."""
   logits_BxTxV = Decoder(config).apply(
       {"params": params}, batch["inputs"], batch.get("segment_ids"), batch.get("positions"),
       batch.get("prefix_mask"))
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+
+
+def loss_fn(params, batch, config: ModelConfig):
+  """Mean token cross-entropy over `loss_weights` (0 on padding and cross-document targets)."""
   w_BxT = batch["loss_weights"]
-  return jnp.sum(nll_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0)
+  return jnp.sum(token_nll(params, batch, config) * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0)
 
 
 def train_step(state: TrainState, batch, *, config: ModelConfig, tx, lr_fn):
+  """One AdamW step; the learning rate comes from the global step, not the optimizer count."""
   loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, config)
   lr = lr_fn(state.step)
   opt_state = state.opt_state._replace(
@@ -108,11 +113,9 @@ def train_step(state: TrainState, batch, *, config: ModelConfig, tx, lr_fn):
 
 
 def eval_step(params, batch, *, config: ModelConfig):
-  logits_BxTxV = Decoder(config).apply(
-      {"params": params}, batch["inputs"], batch.get("segment_ids"), batch.get("positions"),
-      batch.get("prefix_mask"))
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
-  return jnp.sum(nll_BxT * batch["loss_weights"]), jnp.sum(batch["loss_weights"])
+  """(sum of weighted token losses, sum of weights): batches add up exactly."""
+  w_BxT = batch["loss_weights"]
+  return jnp.sum(token_nll(params, batch, config) * w_BxT), jnp.sum(w_BxT)
 
 
 def grow_state(state: TrainState, rng, *, k: int, strategy: str, mode: str, tx,
