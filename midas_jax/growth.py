@@ -60,7 +60,7 @@ def tree_depth(tree) -> int:
 def _check(depth: int, k: int, strategy: str) -> None:
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown growth strategy {strategy!r}; valid strategies are {STRATEGIES}.")
-  if not isinstance(k, (int, np.integer)) or k <= 0:
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
     raise ValueError(f"Block size k must be a positive integer, got k={k!r}.")
   if depth % k:
     valid = [d for d in range(1, depth + 1) if depth % d == 0]
