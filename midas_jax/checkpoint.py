@@ -1,0 +1,263 @@
+"""Checkpoints of a growing model: orbax `CheckpointManager`, async saves, damage fallback.
+
+A checkpoint step holds two items: `state` (the TrainState pytree: params, optimizer state,
+step) and `meta` (JSON: stage, depth, phase, data position, operative gin config, ...). The
+depth of `params['layers']` differs between checkpoints of one run, so restoring needs a
+target built for the checkpoint's `meta['depth']`; `restore_latest` asks the caller for it.
+
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=1000, keep=3)
+    ckpt.save(step, state, meta)            # no-op unless due; force=True at boundaries/end
+    ckpt.save_now(step, state, meta)        # SIGTERM / preemption: write and wait
+    step, meta, state = ckpt.restore_latest(lambda meta: abstract_state(meta["depth"]))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger("midas_jax.checkpoint")
+
+_COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, before the atomic rename
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint (or the whole directory) is damaged or is not a checkpoint."""
+
+
+def _warn(msg, *args):
+  if jax.process_index() == 0:  # every process sees the same files; one warning is enough
+    log.warning(msg, *args)
+
+
+def _reason(e: BaseException) -> str:
+  """One line per exception in the cause chain, without TensorStore's multi-KB specs."""
+  parts = []
+  while e is not None and len(parts) < 3:
+    text = str(e).split(" See full TensorStore details")[0].strip().splitlines()
+    parts.append(f"{type(e).__name__}: {text[0][:240] if text else ''}")
+    e = e.__cause__ or e.__context__
+  return " <- ".join(parts)
+
+
+_NOISE = ("Encountered error while reading array index", "in OCDBT database",
+          "Event loop is closed")
+
+
+def _silence_abandoned_reads():
+  """Hide what orbax's abandoned reads print after a failed restore (installed once).
+
+  When one array read fails, orbax closes its event loop with the sibling reads in flight;
+  they later report "Event loop is closed" or their read errors, each with a multi-KB
+  TensorStore spec, from background threads and the garbage collector. The error that
+  matters is raised (and logged) once, by `restore`. Only unraisable-exception and `asyncio`
+  log reports carrying one of the `_NOISE` messages are dropped.
+  """
+  if getattr(sys.unraisablehook, "_midas_filter", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(u):
+    if not any(n in str(u.exc_value) for n in _NOISE):
+      previous(u)
+  hook._midas_filter = True
+  sys.unraisablehook = hook
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(getattr(f, "_midas_filter", False) for f in asyncio_log.filters):
+    def keep(record):
+      return not any(n in record.getMessage() for n in _NOISE)
+    keep._midas_filter = True
+    asyncio_log.addFilter(keep)
+
+
+def _path_key(path) -> tuple:
+  """A key path as plain names/indices; orbax stores namedtuples as dicts and tuples as lists."""
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def _shapes(tree) -> dict:
+  return {_path_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _depth(shapes: dict):
+  """Leading axis of the first `params/layers` leaf (None if there is none)."""
+  return next((s[0] for k, s in sorted(shapes.items(), key=str)
+               if k[:2] == ("params", "layers") and s), None)
+
+
+class Checkpointer:
+  """Periodic async saves, forced saves (boundaries, end, preemption), keep-last-K, fallback.
+
+  `directory` is local or `gs://...` (a dedicated folder, e.g. `<run_dir>/checkpoints`).
+  `save_every=0` saves only when forced. Call on every process; orbax coordinates them.
+  """
+
+  def __init__(self, directory, *, save_every: int = 0, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self.save_every = int(save_every)
+    if self.directory.exists():
+      if not self.directory.is_dir():
+        raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory.")
+      # Orbax ignores what it does not recognise; a run directory or a dataset passed by
+      # mistake would then look like "no checkpoint" and the run would start from scratch.
+      foreign = sorted(p.name for p in self.directory.iterdir()
+                       if not (p.name.isdigit() or ".orbax-checkpoint-tmp" in p.name
+                               or p.name == "metadata" or p.name.startswith(".")))
+      if foreign:
+        raise CheckpointError(
+            f"{self.directory} holds entries that are not orbax checkpoints "
+            f"({', '.join(foreign[:5])}); give the checkpointer a directory of its own.")
+    self._bad: dict[int, str] = {}  # steps found damaged; a new save of that step replaces it
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True))  # leftovers of a crashed save are not checkpoints
+
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is a periodic save step."""
+    return self.save_every > 0 and step > 0 and step % self.save_every == 0
+
+  def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+    """Save `state` and `meta` at `step` if due (or `force`); False if skipped.
+
+    Async: returns once the arrays are copied to host (so `state` may be donated right
+    after); the files are written in the background. An existing step is not overwritten,
+    unless it was found damaged.
+    """
+    step = int(step)
+    if not (force or self.should_save(step)):
+      return False
+    meta = json.loads(json.dumps(meta))  # fail here, not in the background thread
+    if step in self._mngr.all_steps():
+      if step not in self._bad:
+        return False
+      _warn("Replacing damaged checkpoint step %d (%s).", step, self._bad.pop(step))
+      self._mngr.wait_until_finished()
+      self._mngr.delete(step)
+    return self._mngr.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def wait(self):
+    """Block until pending async saves are committed (raises if one failed)."""
+    self._mngr.wait_until_finished()
+
+  def save_now(self, step: int, state, meta: dict) -> bool:
+    """Synchronous save for SIGTERM / preemption: write `step` and wait for the commit."""
+    saved = self.save(step, state, meta, force=True)
+    self.wait()
+    return saved
+
+  def all_steps(self) -> list[int]:
+    """Committed (and in-flight) steps, oldest first."""
+    return sorted(self._mngr.all_steps())
+
+  def _check(self, step: int) -> dict:
+    """The meta of `step` if its commit marker, meta and array metadata are readable."""
+    step_dir = self.directory / str(step)
+    if not (step_dir / _COMMIT_MARKER).exists():
+      raise CheckpointError(f"no commit marker ({_COMMIT_MARKER})")
+    try:
+      meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"meta unreadable: {_reason(e)}") from e
+    if not isinstance(meta, dict):
+      raise CheckpointError(f"meta is {type(meta).__name__}, not a dict")
+    self._stored_shapes(step)
+    return meta
+
+  def _stored_shapes(self, step: int) -> dict:
+    try:
+      tree = self._mngr.item_metadata(step)["state"]
+      shapes = _shapes(tree.tree if hasattr(tree, "tree") else tree)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"array metadata unreadable: {_reason(e)}") from e
+    if not shapes:
+      raise CheckpointError("array metadata missing")
+    return shapes
+
+  def _newest_first(self):
+    """Yield (step, meta) of readable checkpoints, newest first, warning about damaged ones."""
+    self._mngr.wait_until_finished()
+    self._mngr.reload()  # files may have changed since this manager listed them
+    steps = sorted(self._mngr.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        yield step, self._check(step)
+      except CheckpointError as e:
+        self._bad[step] = str(e)
+        _warn("Checkpoint step %d in %s is damaged (%s); falling back to an older checkpoint.",
+              step, self.directory, e)
+    if steps:
+      raise CheckpointError(
+          f"No readable checkpoint in {self.directory}: " + "; ".join(
+              f"step {s}: {self._bad.get(s, 'failed to restore')}" for s in steps))
+
+  def latest_meta(self) -> tuple[int, dict] | None:
+    """Step and meta of the newest complete, readable checkpoint (no arrays read).
+
+    None if there is no checkpoint; CheckpointError if there are some but none is readable.
+    """
+    for step, meta in self._newest_first():
+      return step, meta
+    return None
+
+  def restore(self, step: int, target):
+    """Restore the state of `step` onto `target` (ShapeDtypeStructs with the wanted shardings).
+
+    Raises ValueError if `target` does not match the checkpoint (e.g. another depth) and
+    CheckpointError if the checkpoint is damaged.
+    """
+    for p, x in jax.tree_util.tree_flatten_with_path(target)[0]:
+      if getattr(x, "sharding", None) is None:
+        raise ValueError(f"Restore target leaf {jax.tree_util.keystr(p)} has no sharding; "
+                         "pass jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves.")
+    self._mngr.wait_until_finished()  # the step may still be committing
+    if step not in self._mngr.all_steps():
+      raise ValueError(f"No checkpoint step {step} in {self.directory}; "
+                       f"steps: {self.all_steps()}.")
+    stored, wanted = self._stored_shapes(step), _shapes(target)
+    bad = sorted((k for k in wanted if stored.get(k) != wanted[k]),
+                 key=lambda k: (k[0] != "params", str(k)))  # name a params leaf first
+    if bad:
+      k = bad[0]
+      what = (f"{'/'.join(map(str, k))}: stored {stored[k]}, target {wanted[k]}" if k in stored
+              else f"{'/'.join(map(str, k))} is not in the checkpoint")
+      depths = (_depth(stored), _depth(wanted))
+      head = (f"has depth {depths[0]} but the restore target has depth {depths[1]}"
+              if depths[0] != depths[1] else "does not match the restore target")
+      raise ValueError(f"Checkpoint step {step} {head} ({len(bad)} leaves differ; first {what}). "
+                       "Build the target for the checkpoint's meta['depth'] and model config.")
+    _silence_abandoned_reads()  # before: the first reports can precede the exception
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target))).state
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be "
+                            f"restored: {_reason(e)}") from e
+
+  def restore_latest(self, target_fn) -> tuple[int, dict, object] | None:
+    """(step, meta, state) of the newest checkpoint that restores; None if there is none.
+
+    `target_fn(meta)` builds the abstract target state for `meta['depth']`. A damaged
+    checkpoint is skipped with a warning; a target mismatch (ValueError) is raised, and so is
+    CheckpointError if no checkpoint restores.
+    """
+    for step, meta in self._newest_first():
+      try:
+        return step, meta, self.restore(step, target_fn(meta))
+      except CheckpointError as e:
+        self._bad[step] = str(e).split("could not be restored: ")[-1]
+        _warn("%s; falling back to an older checkpoint.", e)
+    return None
+
+  def close(self):
+    """Wait for pending saves and release the manager."""
+    self._mngr.close()
