@@ -1,10 +1,12 @@
-"""Benchmarks that print figures: matmul ceiling, train-step FLOP/s, MIDAS vs baseline wall time.
+"""Benchmarks that print figures: matmul ceiling, train-step FLOP/s, MIDAS vs baseline wall time,
+input pipeline vs synthetic batches, checkpoint overhead.
 
-    python -m midas_jax.bench                       # all three on the `small` preset
+    python -m midas_jax.bench                       # matmul, step, speedup on the `small` preset
     python -m midas_jax.bench --only=step --model=tiny --batch=16 --seq=128
+    python -m midas_jax.bench --only=input --only=checkpoint --run_steps=60 --seq=128
 
-Everything runs on synthetic batches, so it needs neither seqio nor tensorflow. Figures are
-ratios measured side by side in one process (shared machines are noisy).
+All but `input` run on synthetic batches, so they need neither seqio nor tensorflow. Figures
+are ratios measured side by side in one process (shared machines are noisy).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def midas_vs_baseline(model_name: str, steps: int, batch: int, seq: int, block: 
         "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR=/tmp/midas_bench/{name}",
         f"--gin.TRAIN_STEPS={steps}", f"--gin.BATCH_SIZE={batch}", f"--gin.SEQ_LEN={seq}",
         f"--gin.BLOCK_SIZE={block}", "--gin.midas_jax.train.train.progress='none'",
-        "--gin.midas_jax.train.train.eval_batches=1"])
+        "--gin.midas_jax.train.train.eval_batches=1", "--gin.midas_jax.train.train.resume=False"])
     vocab = config_lib.ModelConfig().vocab_size
     s = train_lib.train(datasets_fn=lambda seq_len: synthetic_datasets(seq_len, vocab))
     w = s["wall_time_s"]
@@ -105,6 +107,46 @@ def midas_vs_baseline(model_name: str, steps: int, batch: int, seq: int, block: 
   return results
 
 
+def _baseline_run(model_name, steps, batch, seq, name, *extra, datasets_fn=None) -> dict:
+  """One full-depth (baseline schedule) run of the real trainer; steps/s over its train time."""
+  config_lib.parse([
+      f"--gin_file=models/{model_name}.gin", "--gin_file=schedules/baseline.gin",
+      "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR=/tmp/midas_bench/{name}",
+      f"--gin.TRAIN_STEPS={steps}", f"--gin.BATCH_SIZE={batch}", f"--gin.SEQ_LEN={seq}",
+      "--gin.BLOCK_SIZE=1", "--gin.midas_jax.train.train.progress='none'",
+      "--gin.midas_jax.train.train.eval_batches=1", "--gin.midas_jax.train.train.resume=False",
+      *extra])
+  if datasets_fn is None:
+    vocab = config_lib.ModelConfig().vocab_size
+    datasets_fn = lambda seq_len: synthetic_datasets(seq_len, vocab)  # noqa: E731
+  s = train_lib.train(datasets_fn=datasets_fn)
+  w = s["wall_time_s"]
+  busy = w["train"] + w["checkpoint"]  # checkpoint saves that block the loop count against it
+  return {"steps_per_s": steps / busy, "train_s": w["train"], "checkpoint_s": w["checkpoint"],
+          "final_loss": s["final_loss"]}
+
+
+def input_pipeline(model_name: str, steps: int, batch: int, seq: int) -> dict:
+  """Steps/s of the trainer on the UL2 seqio pipeline (built-in corpus) vs synthetic batches."""
+  from midas_jax.data import make_datasets  # pylint: disable=import-outside-toplevel
+  from midas_jax.objectives import UL2  # pylint: disable=import-outside-toplevel
+  ul2 = lambda seq_len: make_datasets(seq_len=seq_len, objective=UL2())  # noqa: E731
+  out = {"synthetic": _baseline_run(model_name, steps, batch, seq, "input_synthetic"),
+         "ul2": _baseline_run(model_name, steps, batch, seq, "input_ul2", datasets_fn=ul2)}
+  out["ratio"] = out["ul2"]["steps_per_s"] / out["synthetic"]["steps_per_s"]
+  return out
+
+
+def checkpoint_overhead(model_name: str, steps: int, batch: int, seq: int, every: int) -> dict:
+  """Steps/s with async orbax checkpoints every `every` steps vs with checkpoints off."""
+  out = {"off": _baseline_run(model_name, steps, batch, seq, "ckpt_off",
+                              "--gin.midas_jax.train.train.checkpoints=False"),
+         "async": _baseline_run(model_name, steps, batch, seq, "ckpt_async",
+                                f"--gin.CHECKPOINT_EVERY={every}")}
+  out["ratio"] = out["async"]["steps_per_s"] / out["off"]["steps_per_s"]
+  return out
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--model", default="small", help="preset in gin/models/")
@@ -113,7 +155,9 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=10, help="timed steps for the step benchmark")
   p.add_argument("--run_steps", type=int, default=300, help="steps of each compared run")
   p.add_argument("--block", type=int, default=2, help="block size of the compared MIDAS run")
-  p.add_argument("--only", choices=("matmul", "step", "speedup"), action="append")
+  p.add_argument("--checkpoint_every", type=int, default=10)
+  p.add_argument("--only", choices=("matmul", "step", "speedup", "input", "checkpoint"),
+                 action="append", help="default: matmul, step, speedup")
   p.add_argument("--out", default=None, help="write the figures as JSON here")
   args = p.parse_args(argv)
   logging.getLogger("midas_jax").setLevel(logging.WARNING)
@@ -143,6 +187,17 @@ def main(argv=None) -> None:
             f" + growth {x['growth']:.2f} + train {x['train']:.1f}), loss {x['final_loss']:.3f}")
     print(f"MIDAS Prop-1 wall-clock speed-up {r['speedup_wallclock']:.3f}x "
           f"(theory {r['speedup_theory']:.3f}x); growth {100 * r['growth_fraction']:.2f}% of run")
+  if "input" in only:
+    r = out["input"] = input_pipeline(args.model, args.run_steps, args.batch, args.seq)
+    print(f"input pipeline ({args.model}, {args.batch}x{args.seq}, {args.run_steps} steps): UL2 "
+          f"{r['ul2']['steps_per_s']:.3f} steps/s vs synthetic {r['synthetic']['steps_per_s']:.3f}"
+          f" = {100 * r['ratio']:.1f}%")
+  if "checkpoint" in only:
+    r = out["checkpoint"] = checkpoint_overhead(args.model, args.run_steps, args.batch, args.seq,
+                                                args.checkpoint_every)
+    print(f"checkpoints ({args.model}, async every {args.checkpoint_every} steps): "
+          f"{r['async']['steps_per_s']:.3f} steps/s vs {r['off']['steps_per_s']:.3f} without = "
+          f"{100 * r['ratio']:.1f}% (blocking save time {r['async']['checkpoint_s']:.2f}s)")
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(out, f, indent=2, default=float)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import gin
 
-from midas_jax import data, model, schedule
+from midas_jax import data, model, objectives, schedule  # noqa: F401  (registers gin names)
+from midas_jax.data import synthetic
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 
@@ -40,6 +41,8 @@ gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access
 ModelConfig = gin.external_configurable(model.ModelConfig, module="midas_jax.model")
 make_schedule = gin.external_configurable(schedule.make_schedule, module="midas_jax.schedule")
 gin.external_configurable(data.make_datasets, module="midas_jax.data")
+# In-memory synthetic batches (no seqio/TF): --gin.midas_jax.train.train.datasets_fn=@synthetic_datasets
+gin.external_configurable(synthetic.synthetic_datasets, module="midas_jax.data")
 
 USAGE = """\
 usage: python -m midas_jax.train --gin_file=FILE [--gin_file=FILE ...] [--gin.NAME=VALUE ...]

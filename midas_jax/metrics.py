@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
+from etils import epath
 
 log = logging.getLogger("midas_jax")
 
@@ -18,15 +18,15 @@ log = logging.getLogger("midas_jax")
 class MetricWriter:
   """Scalars to `metrics.jsonl` and `tensorboard/`; text (e.g. the gin config) to TensorBoard."""
 
-  def __init__(self, run_dir: str | Path, enabled: bool = True):
+  def __init__(self, run_dir, enabled: bool = True):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
     if not enabled:
       return
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    self._jsonl = (run_dir / "metrics.jsonl").open("a")  # appends when a run resumes
     try:
       from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2, \
           tensor_shape_pb2  # pylint: disable=import-outside-toplevel

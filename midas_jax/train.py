@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import flax.struct
@@ -27,13 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from midas_jax import checkpoint, growth, schedule as schedule_lib, sharding
 from midas_jax import config as config_lib
-from midas_jax import growth, schedule as schedule_lib
 from midas_jax.metrics import MetricWriter
 from midas_jax.model import Decoder, ModelConfig, init_params, num_params, train_flops_per_token
 
 log = logging.getLogger("midas_jax")
+CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -131,21 +135,31 @@ def grow_state(state: TrainState, rng, *, k: int, strategy: str, mode: str, tx,
 class _Executables:
   """Per-depth AOT-compiled executables: growth into the depth, train step, eval step.
 
-  They compile on a background thread, the next stage's while the current one trains (on a
-  TPU or GPU host the compile runs on the CPU beside the accelerator), so a boundary waits
-  only for what is not ready yet. Each depth compiles once; nothing retraces inside a stage.
+  Every executable is `jax.jit` with explicit in/out shardings from the mesh's logical-axis
+  rules (the train step donates its state), so growth runs on the sharded arrays and hands the
+  next stage exactly the shardings its step expects. They compile on a background thread, the
+  next stage's while the current one trains (on a TPU or GPU host the compile runs on the CPU
+  beside the accelerator), so a boundary waits only for what is not ready yet. Each depth
+  compiles once; nothing retraces inside a stage.
   """
 
-  def __init__(self, model, tx, lr_fn, block_size, strategy, mode, batch, eval_batches,
-               eval_depths=()):
+  def __init__(self, model, tx, lr_fn, block_size, strategy, mode, batch, eval_batch, mesh,
+               rules, eval_depths=()):
     self.model, self.tx, self.lr_fn, self.k = model, tx, lr_fn, block_size
+    self.mesh, self.rules = mesh, rules
     self.eval_depths = set(eval_depths)  # only these compile an eval step (saves CPU time)
     self.strategy, self.mode = strategy, mode
     self.batch_spec = jax.eval_shape(lambda: batch)
-    self.eval_spec = jax.eval_shape(lambda: eval_batches[0]) if eval_batches else None
+    self.eval_spec = jax.eval_shape(lambda: eval_batch) if eval_batch is not None else None
+    self.replicated = NamedSharding(mesh, P())
     self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="midas-compile")
     self.futures: dict[int, concurrent.futures.Future] = {}
     self.work_s = 0.0
+
+  def shardings(self, spec):
+    """NamedShardings of a TrainState spec at its own depth."""
+    cfg = self.model.replace(num_layers=growth.tree_depth(spec.params))
+    return sharding.state_shardings(spec, cfg, self.tx, self.mesh, self.rules)
 
   def submit(self, depth: int, state_spec) -> None:
     if depth not in self.futures:
@@ -170,35 +184,88 @@ class _Executables:
         pass
     t = time.perf_counter()
     rng_spec = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    batch_sh = jax.tree_util.tree_map(lambda _: sharding.batch_sharding(self.mesh),
+                                      self.batch_spec)
     grows = []
-    while growth.tree_depth(spec.params) < depth:
-      fn = jax.jit(functools.partial(grow_state, k=self.k, strategy=self.strategy,
-                                     mode=self.mode, tx=self.tx, model=self.model))
-      grows.append(fn.lower(spec, rng_spec).compile())
-      spec = jax.eval_shape(fn, spec, rng_spec)
-    cfg = self.model.replace(num_layers=depth)
-    step = jax.jit(functools.partial(train_step, config=cfg, tx=self.tx, lr_fn=self.lr_fn),
-                   donate_argnums=0).lower(spec, self.batch_spec).compile()
-    ev = None
-    if self.eval_spec is not None and depth in self.eval_depths:
-      ev = jax.jit(functools.partial(eval_step, config=cfg)).lower(
-          spec.params, self.eval_spec).compile()
+    with sharding.axis_rules_context(self.mesh, self.rules):  # thread-local: enter it here
+      while growth.tree_depth(spec.params) < depth:
+        fn = functools.partial(grow_state, k=self.k, strategy=self.strategy, mode=self.mode,
+                               tx=self.tx, model=self.model)
+        new_spec = jax.eval_shape(fn, spec, rng_spec)
+        grows.append(jax.jit(fn, in_shardings=(self.shardings(spec), self.replicated),
+                             out_shardings=self.shardings(new_spec)).lower(spec, rng_spec).compile())
+        spec = new_spec
+      cfg = self.model.replace(num_layers=depth)
+      state_sh = self.shardings(spec)
+      step = jax.jit(functools.partial(train_step, config=cfg, tx=self.tx, lr_fn=self.lr_fn),
+                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, self.replicated),
+                     donate_argnums=0).lower(spec, self.batch_spec).compile()
+      ev = None
+      if self.eval_spec is not None and depth in self.eval_depths:
+        eval_sh = jax.tree_util.tree_map(lambda _: sharding.batch_sharding(self.mesh),
+                                         self.eval_spec)
+        ev = jax.jit(functools.partial(eval_step, config=cfg),
+                     in_shardings=(state_sh.params, eval_sh), out_shardings=self.replicated,
+                     ).lower(spec.params, self.eval_spec).compile()
     dt = time.perf_counter() - t
     self.work_s += dt
     log.info("Compiled depth %d (growth%s and train steps) in %.1fs", depth,
              ", eval" if ev is not None else "", dt)
-    return {"grow": grows, "step": step, "eval": ev, "state_spec": spec, "seconds": dt}
+    return {"grow": grows, "step": step, "eval": ev, "state_spec": spec,
+            "state_shardings": state_sh, "seconds": dt}
 
 
-def _fresh_run_dir(model_dir: str) -> Path:
-  """`model_dir`, or `model_dir-2`, `-3`, ... if it already holds a run (never overwrite)."""
-  base = Path(model_dir)
+class _NoCheckpoints:
+  """The Checkpointer interface when checkpoints are off."""
+  directory = None
+  should_save = save = lambda self, *a, **k: False  # noqa: E731
+  wait = close = lambda self: None  # noqa: E731
+  restore_latest = lambda self, target_fn: None  # noqa: E731
+
+
+class _Preemption:
+  """SIGTERM (what Cloud TPU sends before preemption) asks the run to checkpoint and stop.
+
+  The handler only sets a flag; the loop checks it after each step. With several processes
+  they agree on the step through JAX's preemption sync point, so all save the same step.
+  """
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self.previous = None
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.flag.is_set()
+
+  def close(self):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+def _run_dir(model_dir: str, resume: bool):
+  """`model_dir`, resumed if it holds checkpoints; if it holds a run without checkpoints, a
+  fresh sibling `-2`, `-3`, ... (one process) or an error (several): nothing is overwritten."""
+  base = epath.Path(model_dir)
+  has_run = lambda p: (p / "metrics.jsonl").exists() or (p / "summary.json").exists()  # noqa: E731
+  ckpts = base / CHECKPOINT_SUBDIR
+  if resume and ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+    return base
+  if jax.process_count() > 1:  # every process must pick the same directory
+    if has_run(base):
+      raise ValueError(f"{base} holds a run without checkpoints; set a new MODEL_DIR.")
+    base.mkdir(parents=True, exist_ok=True)
+    return base
   path, i = base, 1
-  while (path / "metrics.jsonl").exists() or (path / "summary.json").exists():
+  while has_run(path):
     i += 1
-    path = base.with_name(f"{base.name}-{i}")
+    path = base.parent / f"{base.name}-{i}"
   if path != base:
-    log.info("%s already holds a run; writing this one to %s", base, path)
+    log.info("%s already holds a run without checkpoints; writing this one to %s", base, path)
   path.mkdir(parents=True, exist_ok=True)
   return path
 
@@ -206,12 +273,12 @@ def _fresh_run_dir(model_dir: str) -> Path:
 class _Progress:
   """tqdm bar on a terminal; otherwise a log line every `log_every` steps."""
 
-  def __init__(self, total: int, mode: str, log_every: int):
+  def __init__(self, total: int, mode: str, log_every: int, initial: int = 0):
     use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
     self.bar = None
     if use_bar:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
     self.quiet = mode == "none"
     self.log_every = max(log_every, 1)
 
@@ -241,20 +308,28 @@ def train(model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
           seq_len: int = gin.REQUIRED, growth_strategy: str = "midas",
           opt_state_mode: str = "copy", seed: int = 0, log_every: int = 10,
           eval_every: int = 0, eval_batches: int = 4, progress: str = "auto",
-          datasets_fn: Callable = None) -> dict:
-  """Run every stage of `stages`; return (and write) the run summary.
+          datasets_fn: Callable = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
+          async_checkpoints: bool = True, checkpoints: bool = True, resume: bool = True) -> dict:
+  """Run every stage of `stages` (resuming from `model_dir`'s checkpoints); return the summary.
 
   Args:
-    model_dir: run directory (a fresh sibling `-N` is used if it already holds a run).
+    model_dir: run directory (local or gs://). If it holds checkpoints the run resumes from
+      the newest readable one; if it holds a run without checkpoints a fresh sibling `-N` is
+      used instead.
     model: the final-depth model; stage `i` trains `model.replace(num_layers=stages[i].depth)`.
     stages: the schedule, a sequence of `Stage(depth, steps)` (see `schedule.make_schedule`).
     block_size: layers added per growth; a boundary that adds `j` blocks grows `j` times.
     growth_strategy / opt_state_mode: see `growth.grow_params` / `growth.grow_opt_state`.
     eval_every: validation loss every N steps (0: only at the end).
     progress: `auto` (a bar on a terminal, log lines otherwise), `bar`, `log` or `none`.
-    datasets_fn: `datasets_fn(seq_len) -> (train, validation)`; default `data.make_datasets`.
+    datasets_fn: `datasets_fn(seq_len=...) -> (train, validation)`; default `data.make_datasets`.
+    checkpoint_every: also checkpoint every N steps (0: only at stage ends, the end and on
+      SIGTERM). keep_checkpoints: how many to keep. async_checkpoints: write in the background.
+    checkpoints: False writes none at all (SIGTERM then just stops the run).
+    resume: resume from `model_dir`'s checkpoints (False: never; a fresh directory is used).
   """
   t_start = time.perf_counter()
+  sharding.initialize_distributed()  # before anything touches a device; a no-op unless enabled
   stages = tuple(schedule_lib.Stage(int(s.depth), int(s.steps)) if hasattr(s, "depth")
                  else schedule_lib.Stage(int(s[0]), int(s[1])) for s in stages)
   if stages[-1].depth != model.num_layers:
@@ -263,59 +338,124 @@ def train(model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
   growth.growth_plan(stages[0].depth, block_size, growth_strategy)  # validates early
   if opt_state_mode not in growth.OPT_STATE_MODES:
     raise ValueError(f"Unknown opt_state_mode {opt_state_mode!r}; valid: {growth.OPT_STATE_MODES}.")
+  if isinstance(batch_size, bool) or batch_size % jax.process_count():
+    raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes "
+                     f"({jax.process_count()}): each reads its own rows.")
   if datasets_fn is None:
     from midas_jax.data import make_datasets  # pylint: disable=import-outside-toplevel
     datasets_fn = make_datasets
   is_main = jax.process_index() == 0
-  run_dir = _fresh_run_dir(model_dir) if is_main else Path(model_dir)
-  file_log = logging.FileHandler(run_dir / "train.log") if is_main else None
-  if file_log:
+  run_dir = _run_dir(model_dir, resume)
+  file_log = None
+  if is_main and "://" not in str(run_dir):
+    file_log = logging.FileHandler(os.fspath(run_dir / "train.log"))
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file_log)
     if log.getEffectiveLevel() > logging.INFO:  # train.log gets INFO even when called as a library
       log.setLevel(logging.INFO)
   writer = MetricWriter(run_dir, enabled=is_main)
+  ckpt = (checkpoint.Checkpointer(run_dir / CHECKPOINT_SUBDIR, save_every=checkpoint_every,
+                                  keep=keep_checkpoints, async_save=async_checkpoints)
+          if checkpoints else _NoCheckpoints())
+  preemption = _Preemption()
   try:
-    return _run(run_dir, writer, model, stages, block_size, batch_size, seq_len,
-                growth_strategy, opt_state_mode, seed, log_every, eval_every, eval_batches,
-                progress, datasets_fn, t_start)
+    return _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_size,
+                seq_len, growth_strategy, opt_state_mode, seed, log_every, eval_every,
+                eval_batches, progress, datasets_fn, resume, t_start)
   finally:
+    preemption.close()
+    ckpt.close()
     writer.close()
     if file_log:
       log.removeHandler(file_log)
 
 
-def _run(run_dir, writer, model, stages, block_size, batch_size, seq_len, strategy, mode, seed,
-         log_every, eval_every, eval_batches, progress, datasets_fn, t_start) -> dict:
+def _stage_of(stages, step: int) -> int:
+  """Index of the stage that trains step `step` (the last stage once the run is done)."""
+  ends = np.cumsum([st.steps for st in stages])
+  return int(min(np.searchsorted(ends, step, side="right"), len(stages) - 1))
+
+
+def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_size, seq_len,
+         strategy, mode, seed, log_every, eval_every, eval_batches, progress, datasets_fn,
+         resume, t_start) -> dict:
   total = schedule_lib.total_steps(stages)
   bounds = schedule_lib.boundaries(stages)
+  ends = np.cumsum([st.steps for st in stages])
   log.info("Schedule: %s", schedule_lib.describe(stages))
   train_ds, val_ds = datasets_fn(seq_len=seq_len)
   log.info("Data: %s", getattr(train_ds, "stats", ""))
+  data_vocab = getattr(train_ds, "vocab_size", None)
+  if data_vocab is not None and data_vocab > model.vocab_size:
+    raise ValueError(f"The data's vocabulary has {data_vocab} ids but the model's vocab_size is "
+                     f"{model.vocab_size}; set --gin.midas_jax.model.ModelConfig.vocab_size="
+                     f"{-(-data_vocab // 128) * 128} (or more).")
   tx = make_optimizer()
   lr_fn = lr_schedule(total_steps=total, boundaries=bounds)
+  mesh, rules = sharding.make_mesh(), sharding.logical_axis_rules()
+  log.info("Mesh: %s over %d devices in %d process(es)", dict(mesh.shape), mesh.size,
+           jax.process_count())
+  operative = gin.operative_config_str()
+  proc, nproc = jax.process_index(), jax.process_count()
 
   rng = jax.random.PRNGKey(seed)
-  params = init_params(model.replace(num_layers=stages[0].depth), jax.random.fold_in(rng, 0))
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  depth0 = stages[0].depth
+  abstract = lambda depth: init_state_shapes(model.replace(num_layers=depth), tx)  # noqa: E731
+  exes = None
+  restored = ckpt.restore_latest(lambda meta: _with_shardings(
+      abstract(meta["depth"]), mesh, rules, model, tx)) if resume else None
+  if restored is not None:
+    step, meta, state = restored
+    depth = int(meta["depth"])
+    log.info("Resumed from the step-%d checkpoint (stage %s, depth %d, %s) in %s", step,
+             meta.get("stage"), depth, meta.get("phase"), ckpt.directory)
+    if meta.get("gin_config") not in (None, operative):
+      log.warning("The operative gin config differs from the checkpoint's; resuming anyway. "
+                  "The checkpoint's is in its meta.json.")
+  else:
+    step, depth = 0, depth0
+    init_sh = _with_shardings(abstract(depth0), mesh, rules, model, tx)
+    with sharding.axis_rules_context(mesh, rules):
+      state = jax.jit(lambda r: init_state(model.replace(num_layers=depth0), tx, r),
+                      out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, init_sh))(
+                          jax.random.fold_in(rng, 0))
+  resumed_from = step
   log.info("Model: final depth %d, %s params at depth %d, %s at full depth", model.num_layers,
-           f"{num_params(params):,}", stages[0].depth,
+           f"{num_params(state.params):,}", depth,
            f"{num_params(init_params_shapes(model)):,}")
-  (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
-  writer.text(0, "gin/operative_config", gin.operative_config_str())
+  if jax.process_index() == 0:
+    (run_dir / "operative_config.gin").write_text(operative)
+  writer.text(step, "gin/operative_config", operative)
 
   tokens_per_step = batch_size * seq_len
-  timers = {"compile": 0.0, "growth": 0.0, "train": 0.0, "eval": 0.0}
+  timers = {"compile": 0.0, "growth": 0.0, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}
   stage_rows, growth_events, last_losses = [], [], []
-  val_batches = list(val_ds.eval_batches(batch_size, eval_batches)) if val_ds else []
-  ends = np.cumsum([st.steps for st in stages])
+  val_local = (list(val_ds.eval_batches(batch_size, eval_batches, proc, nproc))
+               if val_ds else [])
+  val_batches = [sharding.global_batch(b, mesh) for b in val_local]
+  batches = train_ds.batches(batch_size, seed, step, proc, nproc)
+  first = next(batches)
   eval_depths = {stages[-1].depth} | {
       st.depth for st, end in zip(stages, ends)
       if eval_every and (end // eval_every) > ((end - st.steps) // eval_every)}
   exes = _Executables(model, tx, lr_fn, block_size, strategy, mode,
-                      train_ds.batch(0, batch_size, seed), val_batches[:1], eval_depths)
-  exes.submit(stages[0].depth, jax.eval_shape(lambda: state))
-  bar = _Progress(total, progress, log_every)
+                      sharding.global_batch(first, mesh), val_batches[0] if val_batches else None,
+                      mesh, rules, eval_depths)
+  batches = itertools.chain([first], batches)
+  si0 = _stage_of(stages, step)
+  exes.submit(stages[si0].depth, jax.eval_shape(lambda: state))
+  bar = _Progress(total, progress, log_every, initial=step)
+
+  def meta(si, phase):
+    return {"step": step, "stage": si + 1, "depth": depth, "phase": phase,
+            "data_position": step, "seed": seed, "num_data_shards": nproc,
+            "schedule": [[st.depth, st.steps] for st in stages], "gin_config": operative}
+
+  def save(si, phase, force=False):
+    t = time.perf_counter()
+    if ckpt.save(step, state, meta(si, phase), force=force) and phase != "periodic":
+      bar.write(f"Checkpoint at step {step} ({phase}, depth {depth})")
+    timers["checkpoint"] += time.perf_counter() - t
 
   def evaluate(params, ex, depth, step):
     if not val_batches:
@@ -329,13 +469,14 @@ def _run(run_dir, writer, model, stages, block_size, batch_size, seq_len, strate
     bar.write(f"step {step}: validation loss {loss:.4f} at depth {depth}")
     return loss
 
-  step, depth = 0, stages[0].depth
-  for si, stage in enumerate(stages):
+  preempted, ex = False, None
+  for si in range(si0, len(stages)):
+    stage = stages[si]
     ex, waited = exes.get(stage.depth)
     timers["compile"] += waited
     if si + 1 < len(stages):  # compile the next stage while this one trains
       exes.submit(stages[si + 1].depth, ex["state_spec"])
-    if si > 0:
+    if depth < stage.depth:
       t = time.perf_counter()
       for grow in ex["grow"]:  # one block at a time
         state = grow(state, jax.random.fold_in(rng, 1 + step))
@@ -350,10 +491,11 @@ def _run(run_dir, writer, model, stages, block_size, batch_size, seq_len, strate
       bar.write(f"Growth at step {step}: depth {depth} -> {stage.depth} ({strategy}, "
                 f"optimizer state {mode}) in {1e3 * dt:.1f} ms")
     depth = stage.depth
+    steps_here = int(ends[si]) - step
 
     fpt = train_flops_per_token(model, seq_len, depth)
     t_stage = time.perf_counter()
-    t_prev, pending = t_stage, None
+    t_prev, pending, done_here = t_stage, None, 0
 
     def drain(pending_item):
       """Fetch the metrics of an already dispatched step; stop on a non-finite loss."""
@@ -365,60 +507,92 @@ def _run(run_dir, writer, model, stages, block_size, batch_size, seq_len, strate
             f"stopped; lower train.lr_schedule.peak_lr or raise warmup_steps, and check the data.")
       return s, m
 
-    for _ in range(stage.steps):
+    for _ in range(steps_here):
       # Dispatch this step before fetching the previous one's loss, so the host never
       # leaves the device idle waiting for a scalar.
-      state, metrics = ex["step"](state, train_ds.batch(step, batch_size, seed))
+      state, metrics = ex["step"](state, sharding.global_batch(next(batches), mesh))
       step += 1
+      done_here += 1
       if pending is not None:
         s, m = drain(pending)
         now = time.perf_counter()
         _record(writer, bar, s, m, si, depth, tokens_per_step, fpt, now - t_prev, last_losses)
         t_prev = now
       pending = (step, metrics)
-      if eval_every and step % eval_every == 0 and step != total:
-        t_eval = time.perf_counter()
+      t_pause = time.perf_counter()
+      preempted = preemption.reached(step)  # then the "preempted" save below replaces these
+      if not preempted and ckpt.should_save(step) and step != int(ends[si]):
+        save(si, "periodic")
+      if not preempted and eval_every and step % eval_every == 0 and step != total:
         evaluate(state.params, ex, depth, step)
-        t_stage += time.perf_counter() - t_eval
-        t_prev = time.perf_counter()
-    s, m = drain(pending)
-    now = time.perf_counter()
-    _record(writer, bar, s, m, si, depth, tokens_per_step, fpt, now - t_prev, last_losses)
-    stage_time = now - t_stage
+      t_stage += time.perf_counter() - t_pause
+      if preempted:
+        break
+    if pending is not None:
+      s, m = drain(pending)
+      now = time.perf_counter()
+      _record(writer, bar, s, m, si, depth, tokens_per_step, fpt, now - t_prev, last_losses)
+    stage_time = time.perf_counter() - t_stage
     timers["train"] += stage_time
-    stage_rows.append({
-        "stage": si + 1, "depth": depth, "steps": stage.steps,
-        "flops": fpt * tokens_per_step * stage.steps, "train_time_s": round(stage_time, 3),
-        "step_time_ms": round(1e3 * stage_time / stage.steps, 3),
-        "tokens_per_s": round(tokens_per_step * stage.steps / stage_time, 1),
-        "flops_per_s": fpt * tokens_per_step * stage.steps / stage_time,
-        "compile_s": round(ex["seconds"], 3)})
+    if done_here:
+      stage_rows.append({
+          "stage": si + 1, "depth": depth, "steps": done_here,
+          "flops": fpt * tokens_per_step * done_here, "train_time_s": round(stage_time, 3),
+          "step_time_ms": round(1e3 * stage_time / done_here, 3),
+          "tokens_per_s": round(tokens_per_step * done_here / stage_time, 1),
+          "flops_per_s": fpt * tokens_per_step * done_here / stage_time,
+          "compile_s": round(ex["seconds"], 3)})
+    if preempted:
+      save(si, "preempted", force=True)
+      break
+    save(si, "end" if si + 1 == len(stages) else "before_growth", force=True)
     writer.flush()
   bar.close()
   exes.close()
-  val_loss = evaluate(state.params, ex, depth, step)
+  t = time.perf_counter()
+  ckpt.wait()  # the last save is on disk before the summary says so
+  timers["checkpoint"] += time.perf_counter() - t
+  if preempted:
+    bar.write(f"Preempted (SIGTERM) at step {step}: " + (
+        f"checkpoint saved in {ckpt.directory}; run the same command again to resume."
+        if ckpt.directory else "checkpoints are off, so nothing was saved."))
+  val_loss = None if preempted or ex is None else evaluate(state.params, ex, depth, step)
+  return _summary(run_dir, model, stages, seq_len, tokens_per_step, total, step, depth,
+                  strategy, mode, stage_rows, growth_events, last_losses, val_loss, timers,
+                  exes.work_s, t_start, resumed_from, preempted, state)
 
+
+def _summary(run_dir, model, stages, seq_len, tokens_per_step, total, step, depth, strategy,
+             mode, stage_rows, growth_events, last_losses, val_loss, timers, compile_work_s,
+             t_start, resumed_from, preempted, state) -> dict:
   flops = sum(r["flops"] for r in stage_rows)
-  full_flops = train_flops_per_token(model, seq_len) * tokens_per_step * total
+  steps_run = sum(r["steps"] for r in stage_rows)
+  full_flops = train_flops_per_token(model, seq_len) * tokens_per_step * steps_run
   wall = time.perf_counter() - t_start
-  last = stage_rows[-1]
-  # Baseline estimate: every step at the final-stage speed, plus compiling the final depth.
-  est_baseline = last["train_time_s"] / last["steps"] * total + last["compile_s"]
+  last = stage_rows[-1] if stage_rows else None
+  est = None
+  if last is not None and not preempted and last["depth"] == model.num_layers:
+    # Baseline estimate: every step at the final-stage speed, plus compiling the final depth.
+    est_baseline = last["train_time_s"] / last["steps"] * steps_run + last["compile_s"]
+    est = est_baseline / (timers["train"] + timers["growth"] + timers["compile"])
   summary = {
-      "run_dir": str(run_dir), "steps": total, "tokens": total * tokens_per_step,
-      "final_loss": last_losses[-1], "final_loss_avg10": float(np.mean(last_losses[-10:])),
+      "run_dir": str(run_dir), "steps": total, "step": step, "resumed_from_step": resumed_from,
+      "preempted": preempted, "tokens": total * tokens_per_step,
+      "final_loss": last_losses[-1] if last_losses else None,
+      "final_loss_avg10": float(np.mean(last_losses[-10:])) if last_losses else None,
       "final_val_loss": val_loss, "final_depth": depth, "growth_strategy": strategy,
-      "opt_state_mode": mode,
-      "compile_work_s": round(exes.work_s, 3),
+      "opt_state_mode": mode, "compile_work_s": round(compile_work_s, 3),
       "wall_time_s": {"total": round(wall, 3),
                       **{k: round(v, 3) for k, v in timers.items()},
                       "other": round(wall - sum(timers.values()), 3)},
       "stages": stage_rows, "growth_events": growth_events, "flops": flops,
-      "flops_full_depth_same_steps": full_flops, "speedup_flops": full_flops / flops,
-      "speedup_wallclock_estimated": est_baseline / (
-          timers["train"] + timers["growth"] + timers["compile"]),
+      "flops_full_depth_same_steps": full_flops,
+      "speedup_flops": full_flops / flops if flops else None,
+      "speedup_wallclock_estimated": est,
   }
-  (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if jax.process_index() == 0:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+  summary["state"] = state  # for callers (tests, notebooks); not written
   return summary
 
 
@@ -433,6 +607,23 @@ def _record(writer, bar, step, m, si, depth, tokens_per_step, fpt, dt, last_loss
 
 def init_params_shapes(model: ModelConfig):
   return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+
+
+def init_state(model: ModelConfig, tx, rng) -> TrainState:
+  params = init_params(model, rng)
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def init_state_shapes(model: ModelConfig, tx) -> TrainState:
+  return jax.eval_shape(lambda: init_state(model, tx, jax.random.PRNGKey(0)))
+
+
+def _with_shardings(spec: TrainState, mesh, rules, model: ModelConfig, tx) -> TrainState:
+  """`spec` with each leaf's `.sharding` set from the mesh's rules (a restore/init target)."""
+  cfg = model.replace(num_layers=growth.tree_depth(spec.params))
+  shardings = sharding.state_shardings(spec, cfg, tx, mesh, rules)
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), spec, shardings)
 
 
 def main(argv=None) -> int:
@@ -453,7 +644,7 @@ def main(argv=None) -> int:
   except (ValueError, FloatingPointError) as e:
     log.error("%s", e)
     return 1
-  print(json.dumps({k: v for k, v in summary.items() if k not in ("stages",)}, indent=2))
+  print(json.dumps({k: v for k, v in summary.items() if k not in ("stages", "state")}, indent=2))
   return 0
 
 

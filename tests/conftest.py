@@ -10,7 +10,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-import jax  # noqa: E402  (after the path set-up above)
+# Eight CPU devices for the mesh tests (set before JAX starts); single-device code is unaffected.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  (after the path and XLA set-up above)
 import optax  # noqa: E402
 
 from midas_jax import model  # noqa: E402

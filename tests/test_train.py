@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
 TINY = ["--gin.midas_jax.model.ModelConfig.d_model=32", "--gin.midas_jax.model.ModelConfig.num_heads=2",
         "--gin.midas_jax.model.ModelConfig.head_dim=16", "--gin.midas_jax.model.ModelConfig.mlp_dim=64",
         "--gin.midas_jax.model.ModelConfig.vocab_size=64", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=16",
-        "--gin.midas_jax.train.train.progress='none'", "--gin.midas_jax.train.lr_schedule.warmup_steps=5"]
+        "--gin.midas_jax.train.train.progress='none'", "--gin.midas_jax.train.lr_schedule.warmup_steps=5",
+        "--gin.midas_jax.sharding.make_mesh.num_devices=1"]
 
 
 def _parse(tmp_path, *extra, schedule="midas_prop1"):
@@ -82,12 +83,12 @@ def test_each_depth_compiles_once_and_opt_modes_run(tmp_path, monkeypatch, mode)
 
 
 def test_gradstack_and_baseline(tmp_path):
-  _parse(tmp_path, schedule="gradstack_prop1")
+  _parse(tmp_path, "--gin.midas_jax.train.train.checkpoints=False", schedule="gradstack_prop1")
   assert train_lib.train(datasets_fn=_synthetic)["growth_strategy"] == "gradstack"
   _parse(tmp_path, schedule="baseline")
   s = train_lib.train(datasets_fn=_synthetic)
   assert len(s["stages"]) == 1 and s["growth_events"] == [] and s["speedup_flops"] == 1.0
-  assert s["run_dir"].endswith("run-2")  # the earlier run is kept, not overwritten
+  assert s["run_dir"].endswith("run-2")  # the earlier run (no checkpoints) is kept, not resumed
 
 
 def test_nan_loss_stops_with_step(tmp_path):
@@ -148,14 +149,29 @@ def test_bare_word_values_become_strings():
 
 def test_user_text_files_by_gin(tmp_path):
   for i in range(4):
-    (tmp_path / f"doc{i}.txt").write_text(f"Document {i}. " + "The quick brown fox jumps. " * 60)
+    (tmp_path / f"doc{i}.txt").write_text(f"Document {i}. The quick brown fox jumps.\n" * 60)
   _parse(tmp_path, "--gin.TRAIN_STEPS=4", "--gin.midas_jax.model.ModelConfig.vocab_size=384",
-         "--gin.midas_jax.data.make_datasets.source=text_files",
-         f"--gin.midas_jax.data.make_datasets.text_files=['{tmp_path}/*.txt']",
-         "--gin.midas_jax.data.make_datasets.validation_fraction=0.0")
+         "--gin.MIXTURE_OR_TASK_NAME=@midas_jax.data.text_files_task()",
+         "--gin.midas_jax.data.text_files_task.name='test_train_user_files'",
+         f"--gin.midas_jax.data.text_files_task.files='{tmp_path}/*.txt'",
+         "--gin.midas_jax.data.text_files_task.unit='file'")
   summary = train_lib.train()
-  assert "'documents': 4" in (tmp_path / "run" / "train.log").read_text()
-  assert np.isfinite(summary["final_loss"]) and summary["final_val_loss"] is None
+  assert "'task': 'test_train_user_files'" in (tmp_path / "run" / "train.log").read_text()
+  assert np.isfinite(summary["final_loss"])
+
+
+def test_ul2_objective_end_to_end(tmp_path):
+  _parse(tmp_path, "--gin.TRAIN_STEPS=6", "--gin.SEQ_LEN=64",
+         "--gin.midas_jax.model.ModelConfig.vocab_size=384", "--gin_file=objectives/ul2.gin")
+  summary = train_lib.train()
+  assert "'objective': 'ul2'" in (tmp_path / "run" / "train.log").read_text()
+  assert np.isfinite(summary["final_loss"]) and np.isfinite(summary["final_val_loss"])
+
+
+def test_vocabulary_larger_than_model_is_a_clear_error(tmp_path):
+  _parse(tmp_path, "--gin.TRAIN_STEPS=4")  # TINY's vocab_size=64 < 359 byte ids
+  with pytest.raises(ValueError, match="vocab_size=384"):
+    train_lib.train()
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(config_lib.GIN_DIR))

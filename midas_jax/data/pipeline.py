@@ -1,179 +1,187 @@
-"""Byte-level tokenisation and packed, deterministic language-model batches.
+"""Packed, deterministic, resumable training batches from a seqio Task or Mixture.
 
-Documents are tokenised with seqio's `ByteVocabulary` (ids = UTF-8 bytes + 3), each followed by
-EOS, and concatenated into one stream that is cut into non-overlapping windows of `seq_len + 1`
-tokens. A batch is a pure function of `(seed, step)`, so resuming needs no iterator state.
+    Task/Mixture (tokenized documents in `targets`, shuffled with `seed`, this host's shard)
+      -> objective (`midas_jax.objectives`: CLM, prefix LM or UL2; numpy, seeded per example)
+      -> seqio feature converter, packed (LMFeatureConverter or PrefixLMFeatureConverter)
+      -> batches of {inputs, targets, segment_ids, positions, loss_weights[, prefix_mask]}
 
-seqio (and with it TensorFlow) is imported lazily so the model and trainer import without it.
+The stream is a pure function of (task, objective, seed, shard): example `i` of a host's stream
+is corrupted with `default_rng([seed, shard, i])`, and seqio shuffles with `seed`. Resuming at
+step `s` rebuilds the stream and skips `s` batches (the data position is the step), so a resumed
+run sees exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-from typing import Iterator, Optional, Sequence
+import logging
+from typing import Iterator, Optional
 
 import numpy as np
 
-from midas_jax.data import corpus
+from midas_jax.data import tasks
 
+log = logging.getLogger("midas_jax")
 Batch = dict[str, np.ndarray]
-SOURCES = ("builtin", "text_files")
 DEFAULT_SEQ_LEN = 256
+EVAL_SEED = 0  # validation examples are corrupted the same way in every run, so losses compare
+_FIELDS = {"decoder_input_tokens": "inputs", "decoder_target_tokens": "targets",
+           "decoder_segment_ids": "segment_ids", "decoder_positions": "positions",
+           "decoder_loss_weights": "loss_weights", "decoder_causal_attention": "prefix_mask"}
 
 
-@functools.lru_cache(maxsize=None)
-def byte_vocabulary():
-  """seqio's `ByteVocabulary` (pad 0, EOS 1, UNK 2, byte b -> b + 3; vocab_size 259)."""
-  import seqio  # lazy: pulls in TensorFlow
-  return seqio.ByteVocabulary()
+def _apply_objective(ds, objective, info, seq_len: int, seed: int, shard_index: int):
+  """Map each tokenized document to the objective's examples (a flat stream of examples)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from midas_jax import objectives  # pylint: disable=import-outside-toplevel
+  fields = objective.features
+
+  def np_fn(tokens_T, index):
+    # Seeded per example (not per call order), so parallel maps stay deterministic.
+    rng = np.random.default_rng([seed, shard_index, int(index)])
+    return objectives.flatten(
+        objective.examples(np.asarray(tokens_T, np.int32), rng, seq_len, info), fields)
+
+  def to_ragged(index, ex):
+    outs = tf.numpy_function(np_fn, [ex["targets"], index], [tf.int32, tf.int64] * len(fields),
+                             stateful=False)
+    return {f: tf.RaggedTensor.from_row_lengths(tf.ensure_shape(outs[2 * i], [None]),
+                                                tf.ensure_shape(outs[2 * i + 1], [None]))
+            for i, f in enumerate(fields)}
+
+  ds = ds.enumerate().map(to_ragged, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.flat_map(tf.data.Dataset.from_tensor_slices)
 
 
-def tokenize(documents: Sequence[corpus.Document]) -> tuple[np.ndarray, np.ndarray]:
-  """Concatenated token ids (int32) and parallel document ids (int32) of `documents`, each + EOS."""
-  vocab = byte_vocabulary()
-  # ByteVocabulary.encode is pure Python but ~0.1 s/MB; one flat fromiter avoids per-doc arrays.
-  ids = [vocab.encode(text) + [vocab.eos_id] for _, text in documents]
-  lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-  tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-  return tokens, np.repeat(np.arange(len(ids), dtype=np.int32), lengths)
+class SeqioLM:
+  """Packed LM batches of split `split` of a seqio Task/Mixture under `objective`."""
 
-
-@functools.lru_cache(maxsize=8)
-def _permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num_windows)
-
-
-def _shard_rows(batch_size: int, shard_index: int, num_shards: int) -> tuple[int, int]:
-  """Rows `[lo, hi)` of the global batch that belong to host `shard_index` of `num_shards`."""
-  if batch_size <= 0 or batch_size % num_shards or not 0 <= shard_index < num_shards:
-    raise ValueError(f"batch_size={batch_size} must be positive and divisible by num_shards="
-                     f"{num_shards}, and 0 <= shard_index={shard_index} < num_shards.")
-  per = batch_size // num_shards
-  return shard_index * per, (shard_index + 1) * per
-
-
-class PackedLM:
-  """Packed next-token-prediction examples over a list of documents.
-
-  Window `w` is `stream[w*seq_len : w*seq_len + seq_len + 1]`; its example has `inputs =
-  win[:-1]`, `targets = win[1:]`, `segment_ids` (1, 2, ... per document within the window),
-  `positions` (restarting at each document start and at the window start) and `loss_weights`
-  (0 where input and target come from different documents: never predict across a boundary).
-  """
-
-  def __init__(self, documents: Sequence[corpus.Document], seq_len: int, name: str = "corpus"):
+  def __init__(self, name: str, split: str, seq_len: int, objective):
     if seq_len <= 0:
-      raise ValueError(f"seq_len must be positive, got {seq_len}.")
-    self.name, self.seq_len = name, seq_len
-    self.tokens, self.doc_ids = tokenize(documents)
-    self.num_documents = len(documents)
-    self.num_windows = max(0, (len(self.tokens) - 1) // seq_len)
-    if self.num_windows == 0:
-      raise ValueError(self._too_small(seq_len + 1, f"one window of seq_len={seq_len}"))
+      raise tasks.DataError(f"seq_len must be positive, got {seq_len}.")
+    self.provider = tasks.get_provider(name)
+    self.name, self.split, self.seq_len, self.objective = name, split, seq_len, objective
+    self.vocab = self.provider.output_features["targets"].vocabulary
+    self.vocab_size = int(self.vocab.vocab_size)
+    from midas_jax import objectives  # pylint: disable=import-outside-toplevel
+    self.info = objectives.VocabInfo.from_vocabulary(self.vocab)
+    objective.check(self.info, seq_len)
+    self.stats = {"task": name, "split": split, "objective": objective.name,
+                  "vocabulary": f"{type(self.vocab).__name__}({self.vocab_size} ids)",
+                  "seq_len": seq_len}
 
-  def _too_small(self, needed: int, what: str) -> str:
-    return (f"The {self.name} split has {len(self.tokens)} tokens ({self.num_documents} documents)"
-            f" but {what} needs at least {needed}; use a smaller seq_len or more text.")
+  def _examples(self, seed: int, shard_index: int, num_shards: int, repeat: bool):
+    import seqio  # pylint: disable=import-outside-toplevel
+    kwargs = dict(sequence_length=None, split=self.split, shuffle=repeat, seed=seed,
+                  try_in_mem_cache=False,  # its partial-read warnings; tokenising is cheap
+                  num_epochs=None if repeat else 1, trim_output_features=False,
+                  shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None)
+    try:
+      ds = self.provider.get_dataset(**kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      if tasks.is_tfds(self.provider):
+        raise tasks.tfds_help(self.provider, e) from e
+      raise
+    return _apply_objective(ds, self.objective, self.info, self.seq_len, seed, shard_index)
 
-  @property
-  def stats(self) -> dict[str, int]:
-    """Sizes to log: documents, tokens (bytes + one EOS per document), windows, seq_len."""
-    return dict(documents=self.num_documents, tokens=len(self.tokens),
-                windows=self.num_windows, seq_len=self.seq_len)
+  def _batched(self, rows: int, seed: int, shard_index: int, num_shards: int, repeat: bool):
+    import seqio  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    ds = self._examples(seed, shard_index, num_shards, repeat)
+    if self.objective.feature_converter == "prefix_lm":
+      # Inputs and targets are concatenated before packing; only their sum must fit.
+      converter = seqio.PrefixLMFeatureConverter(pack=True, apply_length_check=False)
+      lengths = {"inputs": self.seq_len // 2, "targets": self.seq_len - self.seq_len // 2}
+    else:
+      converter = seqio.LMFeatureConverter(pack=True)
+      lengths = {"targets": self.seq_len}
+    ds = converter(ds, lengths)
 
-  def examples(self, windows: np.ndarray) -> Batch:
-    """The examples of window indices `windows` (shape `B`), each field `(B, seq_len)`."""
-    T = self.seq_len
-    index_BxT1 = np.asarray(windows)[:, None] * T + np.arange(T + 1)
-    tokens_BxT1 = self.tokens[index_BxT1]
-    docs_BxT1 = self.doc_ids[index_BxT1]
-    # A segment starts at the window start and wherever the input's document changes.
-    start_BxT = np.ones((len(index_BxT1), T), dtype=bool)
-    start_BxT[:, 1:] = docs_BxT1[:, 1:T] != docs_BxT1[:, :T - 1]
-    t_T = np.arange(T, dtype=np.int32)
-    positions_BxT = t_T - np.maximum.accumulate(np.where(start_BxT, t_T, 0), axis=1)
-    return dict(
-        inputs=tokens_BxT1[:, :-1].astype(np.int32),
-        targets=tokens_BxT1[:, 1:].astype(np.int32),
-        segment_ids=np.cumsum(start_BxT, axis=1, dtype=np.int32),
-        positions=positions_BxT.astype(np.int32),
-        loss_weights=(docs_BxT1[:, :-1] == docs_BxT1[:, 1:]).astype(np.float32))
+    def rename(ex):
+      out = {_FIELDS[k]: tf.cast(v, tf.int32) for k, v in ex.items() if k in _FIELDS}
+      out["loss_weights"] = tf.cast(out["loss_weights"], tf.float32)
+      return out
+    ds = ds.batch(rows, drop_remainder=repeat).map(rename)
+    options = tf.data.Options()
+    options.deterministic = True  # parallel maps keep order: the stream is reproducible
+    return ds.with_options(options)
 
-  def windows(self, step: int, batch_size: int, seed: int = 0,
-              shard_index: int = 0, num_shards: int = 1) -> np.ndarray:
-    """Window indices of training batch `step` (this host's rows): a pure function of the args.
+  def batches(self, batch_size: int, seed: int = 0, start_step: int = 0, shard_index: int = 0,
+              num_shards: int = 1) -> Iterator[Batch]:
+    """Training batches from step `start_step` on, endless; this host's rows of each.
 
-    The window order is the concatenation over epochs `e` of
-    `default_rng([seed, e]).permutation(num_windows)`; step `s` takes entries `[s*B, (s+1)*B)`
-    (wrapping across epochs), of which shard `i` of `n` gets rows `[i*B/n, (i+1)*B/n)`.
+    Each host reads shard `shard_index` of `num_shards` of the Task and packs its own
+    `batch_size // num_shards` rows, so the global batch at step `s` is the same for every
+    resume point and the hosts never read each other's data.
     """
-    if step < 0:
-      raise ValueError(f"step must be >= 0, got {step}.")
-    lo, hi = _shard_rows(batch_size, shard_index, num_shards)
-    if batch_size > self.num_windows:  # else one batch would repeat windows
-      raise ValueError(self._too_small(batch_size * self.seq_len + 1,
-                                       f"one batch of {batch_size} x seq_len={self.seq_len}"))
-    epochs, offsets = np.divmod(step * batch_size + np.arange(lo, hi), self.num_windows)
-    windows = np.empty_like(offsets)
-    for e in np.unique(epochs):  # at most two epochs, since batch_size <= num_windows
-      windows[epochs == e] = _permutation(self.num_windows, seed, int(e))[offsets[epochs == e]]
-    return windows
+    rows = _rows(batch_size, shard_index, num_shards)
+    ds = self._batched(rows, seed, shard_index, num_shards, repeat=True)
+    if start_step:
+      ds = ds.skip(start_step)  # replays the deterministic stream: exact resumption
+    try:
+      yield from ds.prefetch(2).as_numpy_iterator()
+    except Exception as e:  # pylint: disable=broad-except
+      if tasks.is_tfds(self.provider):
+        raise tasks.tfds_help(self.provider, e) from e
+      raise
 
-  def batch(self, step: int, batch_size: int, seed: int = 0,
-            shard_index: int = 0, num_shards: int = 1) -> Batch:
-    """Training batch `step` (see `windows`), each field `(batch_size // num_shards, seq_len)`."""
-    return self.examples(self.windows(step, batch_size, seed, shard_index, num_shards))
+  def batch(self, step: int, batch_size: int, seed: int = 0, shard_index: int = 0,
+            num_shards: int = 1) -> Batch:
+    """Training batch `step` alone (replays the stream up to it; for tests and notebooks)."""
+    return next(self.batches(batch_size, seed, step, shard_index, num_shards))
 
   def eval_batches(self, batch_size: int, max_batches: Optional[int] = None,
                    shard_index: int = 0, num_shards: int = 1) -> Iterator[Batch]:
-    """The first windows in order, unshuffled; the last partial batch is padded.
+    """The split in order, unshuffled, one pass; rows and (with `max_batches`) batches padded.
 
-    Padding rows are all zero, including `segment_ids` and `loss_weights`, so weighted metrics
-    ignore them. Yields `min(ceil(num_windows / batch_size), max_batches)` batches.
+    Padding is all zeros (`segment_ids` and `loss_weights` too), so weighted sums ignore it.
+    With `max_batches` every host yields exactly that many, as collectives need. An empty split
+    yields nothing (with a warning).
     """
-    lo, hi = _shard_rows(batch_size, shard_index, num_shards)
-    num_batches = -(-self.num_windows // batch_size)
+    rows = _rows(batch_size, shard_index, num_shards)
+    ds = self._batched(rows, EVAL_SEED, shard_index, num_shards, repeat=False)
     if max_batches is not None:
-      num_batches = min(num_batches, max_batches)
-    for b in range(num_batches):
-      flat = b * batch_size + np.arange(lo, hi)
-      real = flat < self.num_windows
-      out = self.examples(np.where(real, flat, 0))
-      yield {k: np.where(real[:, None], v, 0).astype(v.dtype) for k, v in out.items()}
+      ds = ds.take(max_batches)
+    n, spec = 0, None
+    try:
+      for b in ds.as_numpy_iterator():
+        spec = spec or b
+        yield {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in b.items()}
+        n += 1
+    except Exception as e:  # pylint: disable=broad-except
+      if tasks.is_tfds(self.provider):
+        raise tasks.tfds_help(self.provider, e) from e
+      raise
+    if spec is None:
+      log.warning("The %r split of %r is empty (shard %d of %d): no validation loss.",
+                  self.split, self.name, shard_index, num_shards)
+      return
+    for _ in range(n, max_batches or 0):
+      yield {k: np.zeros((rows,) + v.shape[1:], v.dtype) for k, v in spec.items()}
 
 
-@functools.lru_cache(maxsize=4)
-def _make_datasets(source: str, text_files: Optional[tuple[str, ...]], seq_len: int,
-                   validation_fraction: float) -> tuple[PackedLM, Optional[PackedLM]]:
-  if source == "builtin":
-    docs = corpus.builtin_documents()
-  elif source == "text_files":
-    if not text_files:
-      raise ValueError('source="text_files" needs text_files (a glob pattern or a list of them).')
-    docs = corpus.text_file_documents(list(text_files))
-  else:
-    raise ValueError(f"Unknown data source {source!r}; valid sources: {SOURCES}.")
-  train, validation = corpus.split_documents(docs, validation_fraction)
-  if not train or (validation_fraction > 0 and not validation):
-    raise ValueError(f"validation_fraction={validation_fraction} split the {len(docs)} documents "
-                     f"into {len(train)} train and {len(validation)} validation; each split needs "
-                     "one. Add more (or split) text files, or set validation_fraction=0.")
-  return (PackedLM(train, seq_len, "train"),
-          PackedLM(validation, seq_len, "validation") if validation else None)
+def _rows(batch_size: int, shard_index: int, num_shards: int) -> int:
+  if isinstance(batch_size, bool) or batch_size <= 0 or batch_size % num_shards or not (
+      0 <= shard_index < num_shards):
+    raise ValueError(f"batch_size={batch_size} must be positive and divisible by num_shards="
+                     f"{num_shards}, and 0 <= shard_index={shard_index} < num_shards.")
+  return batch_size // num_shards
 
 
-def make_datasets(source: str = "builtin", text_files: str | Sequence[str] | None = None,
-                  seq_len: int = DEFAULT_SEQ_LEN, validation_fraction: float = 0.02
-                  ) -> tuple[PackedLM, Optional[PackedLM]]:
-  """(train, validation) `PackedLM`s of `source`; validation is None iff validation_fraction=0.
+def make_datasets(seq_len: int = DEFAULT_SEQ_LEN, mixture_or_task_name: str = tasks.BUILTIN_TASK,
+                  objective=None, mixture_or_task_module=None, train_split: str = "train",
+                  validation_split: Optional[str] = "validation"
+                  ) -> tuple[SeqioLM, Optional[SeqioLM]]:
+  """(train, validation) batch streams of a seqio Task/Mixture; validation None if absent.
 
-  `source="builtin"` is the built-in stdlib corpus; `source="text_files"` reads `text_files`
-  (see `corpus.text_file_documents`). Cached per arguments within the process.
+  `objective` defaults to causal LM. `mixture_or_task_module` is imported first (T5X's
+  `MIXTURE_OR_TASK_MODULE`) so Tasks registered in your own code resolve by name.
   """
-  if source not in SOURCES:
-    raise ValueError(f"Unknown data source {source!r}; valid sources: {SOURCES}.")
-  if isinstance(text_files, str):
-    text_files = [text_files]
-  return _make_datasets(source, tuple(text_files) if text_files else None, seq_len,
-                        float(validation_fraction))
+  tasks.import_modules(mixture_or_task_module)
+  if objective is None:
+    from midas_jax import objectives  # pylint: disable=import-outside-toplevel
+    objective = objectives.CLM()
+  train = SeqioLM(mixture_or_task_name, train_split, seq_len, objective)
+  if validation_split and validation_split in train.provider.splits:
+    return train, SeqioLM(mixture_or_task_name, validation_split, seq_len, objective)
+  log.info("%s has no %r split: no validation loss.", mixture_or_task_name, validation_split)
+  return train, None

@@ -11,11 +11,18 @@ import numpy as np
 
 
 class SyntheticLM:
-  """Same interface as `pipeline.PackedLM`: `batch(step, ...)` and `eval_batches(...)`."""
+  """Same interface as `pipeline.SeqioLM`: `batches`, `batch(step, ...)`, `eval_batches`."""
 
   def __init__(self, seq_len: int, vocab_size: int, split: int = 0):
     self.seq_len, self.vocab_size, self.split = seq_len, vocab_size, split
     self.stats = {"source": "synthetic", "seq_len": seq_len, "vocab_size": vocab_size}
+
+  def batches(self, batch_size: int, seed: int = 0, start_step: int = 0, shard_index: int = 0,
+              num_shards: int = 1):
+    step = start_step
+    while True:
+      yield self.batch(step, batch_size, seed, shard_index, num_shards)
+      step += 1
 
   def batch(self, step: int, batch_size: int, seed: int = 0, shard_index: int = 0,
             num_shards: int = 1) -> dict[str, np.ndarray]:
@@ -34,9 +41,10 @@ class SyntheticLM:
                                          ones.shape).copy(),
             "loss_weights": ones.astype(np.float32)}
 
-  def eval_batches(self, batch_size: int, max_batches: int | None = None, **kw):
+  def eval_batches(self, batch_size: int, max_batches: int | None = None, shard_index: int = 0,
+                   num_shards: int = 1):
     for i in range(max_batches or 1):
-      yield self.batch(i, batch_size, seed=1_000_003, **kw)
+      yield self.batch(i, batch_size, 1_000_003, shard_index, num_shards)
 
 
 def synthetic_datasets(seq_len: int, vocab_size: int = 384) -> tuple[SyntheticLM, SyntheticLM]:
