@@ -251,6 +251,8 @@ def _run_dir(model_dir: str, resume: bool):
   """`model_dir`, resumed if it holds checkpoints; if it holds a run without checkpoints, a
   fresh sibling `-2`, `-3`, ... (one process) or an error (several): nothing is overwritten."""
   base = epath.Path(model_dir)
+  if "://" not in str(model_dir):
+    base = base.absolute()  # orbax needs absolute paths; runs/x means ./runs/x
   has_run = lambda p: (p / "metrics.jsonl").exists() or (p / "summary.json").exists()  # noqa: E731
   ckpts = base / CHECKPOINT_SUBDIR
   if resume and ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
@@ -420,6 +422,10 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
                       out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, init_sh))(
                           jax.random.fold_in(rng, 0))
   resumed_from = step
+  if step >= total and (run_dir / "summary.json").exists():  # finished: report, change nothing
+    log.info("%s already finished all %d steps; its summary.json is unchanged. Set a new "
+             "MODEL_DIR for a new run.", run_dir, total)
+    return {**json.loads((run_dir / "summary.json").read_text()), "state": state}
   log.info("Model: final depth %d, %s params at depth %d, %s at full depth", model.num_layers,
            f"{num_params(state.params):,}", depth,
            f"{num_params(init_params_shapes(model)):,}")

@@ -174,3 +174,12 @@ def test_interrupted_run_resumes_bitwise(tmp_path, long_reference, sig):
   step, meta, state = _final_state(d)
   assert (step, meta["depth"], meta["phase"]) == (120, 4, "end")
   _assert_bitwise_equal(state, long_reference[2])
+
+
+def test_finished_run_is_reported_not_rerun(tmp_path, reference):
+  d = tmp_path / "run"
+  shutil.copytree(reference["dir"], d)
+  before = (d / "metrics.jsonl").read_text(), (d / "summary.json").read_text()
+  summary = _train(d, *SHORT, ONE)
+  assert summary["final_loss"] == json.loads(before[1])["final_loss"]
+  assert ((d / "metrics.jsonl").read_text(), (d / "summary.json").read_text()) == before

@@ -17,6 +17,7 @@ by name too. seqio (and TensorFlow) are imported lazily: only the data layer nee
 from __future__ import annotations
 
 import functools
+import glob
 import importlib
 import os
 from typing import Optional, Sequence
@@ -151,7 +152,7 @@ def text_files_task(name: str = gin.REQUIRED, files=gin.REQUIRED, unit: str = "l
     raise DataError(f"text_files_task.unit must be 'line' or 'file', got {unit!r}.")
   if not 0.0 <= validation_fraction < 1.0:
     raise DataError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
-  _check_globs(files + val_files)
+  _check_globs(files + val_files, local=unit == "file")
   definition = ("text_files", tuple(map(str, files)), unit, tuple(map(str, val_files)),
                 float(validation_fraction), _vocab_key(vocab))
 
@@ -200,10 +201,14 @@ def _hash_split_text_line_source(seqio):
   return HashSplitTextLineSource
 
 
-def _check_globs(patterns) -> None:
+def _check_globs(patterns, local: bool = False) -> None:
+  """Each pattern must match a file: as unit='file' reads them (Python glob, `**` allowed), or
+  as seqio.TextLineDataSource does (tf.io.gfile.glob: local or gs://, no `**`)."""
   tf = _tf()
   for p in patterns:
-    if not tf.io.gfile.glob(str(p)):
+    matches = ([f for f in glob.glob(str(p), recursive=True) if os.path.isfile(f)] if local
+               else tf.io.gfile.glob(str(p)))
+    if not matches:
       raise DataError(f"No file matches {str(p)!r} (cwd: {os.getcwd()}); check the path or glob "
                       "in text_files_task.files / validation_files.")
 
