@@ -434,6 +434,7 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
   writer.text(step, "gin/operative_config", operative)
 
   tokens_per_step = batch_size * seq_len
+  # checkpoint: how long saves blocked the loop (async: the device-to-host copy).
   timers = {"compile": 0.0, "growth": 0.0, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}
   stage_rows, growth_events, last_losses = [], [], []
   val_local = (list(val_ds.eval_batches(batch_size, eval_batches, proc, nproc))
@@ -557,7 +558,7 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
   exes.close()
   t = time.perf_counter()
   ckpt.wait()  # the last save is on disk before the summary says so
-  timers["checkpoint"] += time.perf_counter() - t
+  timers["checkpoint_final_wait"] = time.perf_counter() - t
   if preempted:
     bar.write(f"Preempted (SIGTERM) at step {step}: " + (
         f"checkpoint saved in {ckpt.directory}; run the same command again to resume."
