@@ -23,6 +23,14 @@ from midas_jax import model  # noqa: E402
 _FAST_FLAG = "jax_disable_most_optimizations"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+  """No gin bindings leak from one test into the next (e.g. make_mesh.num_devices)."""
+  import gin  # pylint: disable=import-outside-toplevel
+  yield
+  gin.clear_config()
+
+
 @pytest.fixture(scope="module")
 def fast_xla_compiles():
   """Tiny test models take far longer to compile than to run: skip XLA's backend optimizations.
