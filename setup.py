@@ -21,6 +21,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "tensorboard>=2.18",
+        "matplotlib>=3.8",  # evaluation and analysis plots (PNG, Agg backend)
         "seqio>=0.0.19",
         "tensorflow-datasets>=4.9.6",
     ],

@@ -1,0 +1,1 @@
+"""Analysis of trained models: block-by-block similarity of the layer stack (`similarity`)."""

@@ -1,0 +1,1 @@
+"""Evaluation: reasoning primitives (`primitives`), few-shot and fine-tune accuracy, val loss."""
