@@ -1,11 +1,12 @@
 """Benchmarks that print figures: matmul ceiling, train-step FLOP/s, MIDAS vs baseline wall time,
-input pipeline vs synthetic batches, checkpoint overhead.
+input pipeline vs synthetic batches, checkpoint overhead, in-training eval overhead.
 
     python -m midas_jax.bench                       # matmul, step, speedup on the `small` preset
     python -m midas_jax.bench --only=step --model=tiny --batch=16 --seq=128
     python -m midas_jax.bench --only=input --only=checkpoint --run_steps=60 --seq=128
+    python -m midas_jax.bench --only=eval            # the quickstart with and without its evals
 
-All but `input` run on synthetic batches, so they need neither seqio nor tensorflow. Figures
+All but `input` and `eval` run on synthetic batches, so they need neither seqio nor tensorflow. Figures
 are ratios measured side by side in one process (shared machines are noisy).
 """
 
@@ -147,6 +148,24 @@ def checkpoint_overhead(model_name: str, steps: int, batch: int, seq: int, every
   return out
 
 
+def eval_overhead() -> dict:
+  """Wall time of the quickstart (gin/experiments/quickstart.gin, built-in corpus) with its
+  in-training eval (validation loss + primitives every EVAL_EVERY steps) and without any."""
+  from midas_jax.data import make_datasets  # pylint: disable=import-outside-toplevel
+  make_datasets(seq_len=128)  # import seqio/TF before timing either run
+  out = {}
+  for name, extra in (("off", ["--gin.EVAL_EVERY=0", "--gin.PRIMITIVE_EVAL=None"]), ("on", [])):
+    config_lib.parse(["--gin_file=experiments/quickstart.gin",
+                      f"--gin.MODEL_DIR=/tmp/midas_bench/quickstart_eval_{name}",
+                      "--gin.midas_jax.train.train.progress='none'",
+                      "--gin.midas_jax.train.train.resume=False", *extra])
+    s = train_lib.train()
+    out[name] = {"wall_s": s["wall_time_s"]["total"], "eval_s": s["wall_time_s"]["eval"],
+                 "final_val_loss": s["final_val_loss"]}
+  out["overhead"] = out["on"]["wall_s"] / out["off"]["wall_s"] - 1
+  return out
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--model", default="small", help="preset in gin/models/")
@@ -156,7 +175,7 @@ def main(argv=None) -> None:
   p.add_argument("--run_steps", type=int, default=300, help="steps of each compared run")
   p.add_argument("--block", type=int, default=2, help="block size of the compared MIDAS run")
   p.add_argument("--checkpoint_every", type=int, default=10)
-  p.add_argument("--only", choices=("matmul", "step", "speedup", "input", "checkpoint"),
+  p.add_argument("--only", choices=("matmul", "step", "speedup", "input", "checkpoint", "eval"),
                  action="append", help="default: matmul, step, speedup")
   p.add_argument("--out", default=None, help="write the figures as JSON here")
   args = p.parse_args(argv)
@@ -198,6 +217,11 @@ def main(argv=None) -> None:
     print(f"checkpoints ({args.model}, async every {args.checkpoint_every} steps): "
           f"{r['async']['steps_per_s']:.3f} steps/s vs {r['off']['steps_per_s']:.3f} without = "
           f"{100 * r['ratio']:.1f}% (blocking save time {r['async']['checkpoint_s']:.2f}s)")
+  if "eval" in only:
+    r = out["eval"] = eval_overhead()
+    print(f"quickstart in-training eval: {r['on']['wall_s']:.1f}s with vs {r['off']['wall_s']:.1f}s"
+          f" without = +{100 * r['overhead']:.1f}% wall time (eval itself {r['on']['eval_s']:.1f}s"
+          f", {100 * r['on']['eval_s'] / r['on']['wall_s']:.1f}% of the run)")
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(out, f, indent=2, default=float)

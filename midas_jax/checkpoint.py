@@ -9,6 +9,7 @@ target built for the checkpoint's `meta['depth']`; `restore_latest` asks the cal
     ckpt.save(step, state, meta)            # no-op unless due; force=True at boundaries/end
     ckpt.save_now(step, state, meta)        # SIGTERM / preemption: write and wait
     step, meta, state = ckpt.restore_latest(lambda meta: abstract_state(meta["depth"]))
+    step, meta, params = load_params(run_dir)  # analysis: params only, no model config needed
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -95,9 +97,11 @@ class Checkpointer:
 
   `directory` is local or `gs://...` (a dedicated folder, e.g. `<run_dir>/checkpoints`).
   `save_every=0` saves only when forced. Call on every process; orbax coordinates them.
+  `read_only=True` (analysis, evaluation) creates and deletes nothing.
   """
 
-  def __init__(self, directory, *, save_every: int = 0, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory, *, save_every: int = 0, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = epath.Path(directory)
     self.save_every = int(save_every)
     if self.directory.exists():
@@ -117,9 +121,11 @@ class Checkpointer:
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
+        # Leftovers of a crashed save are not checkpoints, so a writer cleans them up; a reader
+        # (analysis of a live run) must not, since there they are saves in flight.
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True))  # leftovers of a crashed save are not checkpoints
+            max_to_keep=keep, enable_async_checkpointing=async_save and not read_only,
+            create=not read_only, cleanup_tmp_directories=not read_only))
 
   def should_save(self, step: int) -> bool:
     """Whether `step` is a periodic save step."""
@@ -258,6 +264,99 @@ class Checkpointer:
         _warn("%s; falling back to an older checkpoint.", e)
     return None
 
+  def restore_params(self, step: int | None = None) -> tuple[int, dict, dict]:
+    """(step, meta, params) of `step` (default: the newest readable checkpoint), params only.
+
+    Reads just the `params` subtree of the `state` item, as host numpy arrays, onto a target
+    built from the stored array metadata: no model config, optimizer or mesh needed. Meant for
+    analysis in a single process. Without `step` a damaged checkpoint is skipped with a warning,
+    as in `restore_latest`. CheckpointError if there is no such (readable) checkpoint.
+    """
+    def read(step):
+      try:
+        stored = self._mngr.item_metadata(step)["state"]
+        tree = stored.tree if hasattr(stored, "tree") else stored
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be "
+                              f"restored: array metadata unreadable: {_reason(e)}") from e
+      if not isinstance(tree, dict) or "params" not in tree:
+        raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be "
+                              "restored: its state has no `params`.")
+      item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                     tree["params"])}
+      # StandardRestore rejects partial targets; the PyTree handler reads the same files and
+      # with `partial_restore` touches only the arrays named in `item`.
+      handler = ocp.PyTreeCheckpointHandler()
+      _silence_abandoned_reads()
+      try:
+        return handler.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+            item=item, partial_restore=True,
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                      item)))["params"]
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be "
+                              f"restored: {_reason(e)}") from e
+      finally:
+        handler.close()
+
+    if step is not None:
+      step = int(step)
+      self._mngr.wait_until_finished()
+      self._mngr.reload()
+      if step not in self._mngr.all_steps():
+        raise CheckpointError(f"No checkpoint step {step} in {self.directory}; "
+                              f"steps: {self.all_steps()}.")
+      try:
+        meta = self._check(step)
+      except CheckpointError as e:
+        raise CheckpointError(f"Checkpoint step {step} in {self.directory} is damaged "
+                              f"({e}).") from e
+      return step, meta, read(step)
+    for step, meta in self._newest_first():
+      try:
+        return step, meta, read(step)
+      except CheckpointError as e:
+        self._bad[step] = str(e).split("could not be restored: ")[-1]
+        _warn("%s; falling back to an older checkpoint.", e)
+    raise CheckpointError(f"No checkpoints in {self.directory}.")
+
   def close(self):
     """Wait for pending saves and release the manager."""
     self._mngr.close()
+
+
+_EXPECTED = ("expected a run directory (holding checkpoints/), a checkpoints directory (holding "
+             "numbered step directories) or one step's directory such as RUN/checkpoints/1200")
+
+
+def checkpoint_dir(path) -> tuple[epath.Path, int | None]:
+  """(checkpoints directory, step or None) for a run dir, checkpoints dir or step dir `path`."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise CheckpointError(f"{p} does not exist; {_EXPECTED}.")
+  if not p.is_dir():
+    raise CheckpointError(f"{p} is a file; {_EXPECTED}.")
+  if (p / "checkpoints").is_dir():  # train.CHECKPOINT_SUBDIR
+    return p / "checkpoints", None
+  if p.name.isdigit() and any((p / n).exists() for n in ("state", "meta", _COMMIT_MARKER)):
+    return p.parent, int(p.name)
+  if p.name == "checkpoints" or any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
+    return p, None
+  raise CheckpointError(f"{p} holds no checkpoints; {_EXPECTED}.")
+
+
+def load_params(path, step: int | None = None) -> tuple[int, dict, dict]:
+  """(step, meta, params) from a run dir, a checkpoints dir or a step dir (`.../checkpoints/N`).
+
+  `step` defaults to the step dir's own step, else the newest readable checkpoint. Params are
+  host numpy arrays (see `Checkpointer.restore_params`); nothing on disk is changed.
+  """
+  directory, named = checkpoint_dir(path)
+  if named is not None and step is not None and int(step) != named:
+    raise CheckpointError(f"{path} is the directory of step {named}, but step {step} was asked "
+                          "for; pass the run or checkpoints directory to choose another step.")
+  reader = Checkpointer(directory, read_only=True)
+  try:
+    return reader.restore_params(named if step is None else step)
+  finally:
+    reader.close()

@@ -17,6 +17,7 @@ import gin
 
 from midas_jax import data, model, objectives, schedule  # noqa: F401  (registers gin names)
 from midas_jax.data import synthetic
+from midas_jax.evaluation import suite  # noqa: F401  (registers PrimitiveEval)
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 

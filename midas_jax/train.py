@@ -311,7 +311,8 @@ def train(model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
           opt_state_mode: str = "copy", seed: int = 0, log_every: int = 10,
           eval_every: int = 0, eval_batches: int = 4, progress: str = "auto",
           datasets_fn: Callable = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
-          async_checkpoints: bool = True, checkpoints: bool = True, resume: bool = True) -> dict:
+          async_checkpoints: bool = True, checkpoints: bool = True, resume: bool = True,
+          primitive_eval: Callable | None = None) -> dict:
   """Run every stage of `stages` (resuming from `model_dir`'s checkpoints); return the summary.
 
   Args:
@@ -328,6 +329,9 @@ def train(model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
     checkpoint_every: also checkpoint every N steps (0: only at stage ends, the end and on
       SIGTERM). keep_checkpoints: how many to keep. async_checkpoints: write in the background.
     checkpoints: False writes none at all (SIGTERM then just stops the run).
+    primitive_eval: with each validation loss, also `primitive_eval(params, config, mesh,
+      rules) -> {name: accuracy}` (e.g. `evaluation.PrimitiveEval`), logged as `eval/<name>`;
+      the end of the run draws `accuracy_vs_val_loss.png` from these rows.
     resume: resume from `model_dir`'s checkpoints (False: never; a fresh directory is used).
   """
   t_start = time.perf_counter()
@@ -363,7 +367,7 @@ def train(model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
   try:
     return _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_size,
                 seq_len, growth_strategy, opt_state_mode, seed, log_every, eval_every,
-                eval_batches, progress, datasets_fn, resume, t_start)
+                eval_batches, progress, datasets_fn, resume, t_start, primitive_eval)
   finally:
     preemption.close()
     ckpt.close()
@@ -380,7 +384,7 @@ def _stage_of(stages, step: int) -> int:
 
 def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_size, seq_len,
          strategy, mode, seed, log_every, eval_every, eval_batches, progress, datasets_fn,
-         resume, t_start) -> dict:
+         resume, t_start, primitive_eval) -> dict:
   total = schedule_lib.total_steps(stages)
   bounds = schedule_lib.boundaries(stages)
   ends = np.cumsum([st.steps for st in stages])
@@ -465,15 +469,23 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
     timers["checkpoint"] += time.perf_counter() - t
 
   def evaluate(params, ex, depth, step):
-    if not val_batches:
-      return None
     t = time.perf_counter()
-    sums = [ex["eval"](params, b) for b in val_batches]
-    nll, n = (sum(float(x[i]) for x in sums) for i in (0, 1))
+    row, loss = {}, None
+    if val_batches:
+      sums = [ex["eval"](params, b) for b in val_batches]
+      nll, n = (sum(float(x[i]) for x in sums) for i in (0, 1))
+      loss = nll / max(n, 1.0)
+      row.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
+    if primitive_eval is not None:
+      accs = primitive_eval(params, model.replace(num_layers=depth), mesh, rules)
+      row.update({f"eval/{k}": v for k, v in accs.items()})
     timers["eval"] += time.perf_counter() - t
-    loss = nll / max(n, 1.0)
-    writer.scalars(step, {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
-    bar.write(f"step {step}: validation loss {loss:.4f} at depth {depth}")
+    if row:
+      writer.scalars(step, row)
+      groups = " ".join(f"{k[len('eval/group/'):]}={v:.2f}" for k, v in row.items()
+                        if k.startswith("eval/group/"))
+      bar.write(f"step {step}: " + (f"validation loss {loss:.4f} " if loss is not None else "")
+                + (f"accuracy {groups} " if groups else "") + f"at depth {depth}")
     return loss
 
   preempted, ex = False, None
@@ -564,6 +576,15 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
         f"checkpoint saved in {ckpt.directory}; run the same command again to resume."
         if ckpt.directory else "checkpoints are off, so nothing was saved."))
   val_loss = None if preempted or ex is None else evaluate(state.params, ex, depth, step)
+  if primitive_eval is not None and jax.process_index() == 0 and not preempted:
+    writer.flush()
+    from midas_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
+    png = plots.accuracy_vs_val_loss(
+        {run_dir.name: plots.history(run_dir)}, run_dir / "accuracy_vs_val_loss.png",
+        getattr(primitive_eval, "group_chance", None), title=f"{run_dir.name}: accuracy vs "
+        "validation loss")
+    if png:
+      bar.write(f"Wrote {png}")
   return _summary(run_dir, model, stages, seq_len, tokens_per_step, total, step, depth,
                   strategy, mode, stage_rows, growth_events, last_losses, val_loss, timers,
                   exes.work_s, t_start, resumed_from, preempted, state)

@@ -1,0 +1,41 @@
+"""Validation loss and perplexity of params on the held-out split of the training data."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import numpy as np
+
+from midas_jax import sharding
+from midas_jax.model import ModelConfig
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_fn(config: ModelConfig):
+  from midas_jax.train import eval_step  # pylint: disable=import-outside-toplevel
+  return jax.jit(functools.partial(eval_step, config=config))
+
+
+def validation_loss(params, config: ModelConfig, dataset, batch_size: int = 16,
+                    max_batches: int = 50, mesh=None, rules=None) -> dict:
+  """Token-weighted mean loss over up to `max_batches` padded validation batches.
+
+  `dataset` is a `data.SeqioLM` (or anything with `eval_batches`), built with the same
+  objective and sequence length as training; loss weights exclude padding and prefixes.
+  """
+  nll = tokens = 0.0
+  proc, nproc = jax.process_index(), jax.process_count()
+  fn = _eval_fn(config)
+  for local in dataset.eval_batches(batch_size, max_batches, proc, nproc):
+    if mesh is not None:
+      with sharding.axis_rules_context(mesh, rules):
+        s, n = fn(params, sharding.global_batch(local, mesh))
+    else:
+      s, n = fn(params, {k: np.asarray(v) for k, v in local.items()})
+    nll, tokens = nll + float(s), tokens + float(n)
+  if not tokens:
+    return {"val_loss": None, "val_ppl": None, "val_tokens": 0}
+  loss = nll / tokens
+  return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(tokens)}
