@@ -25,6 +25,6 @@ setup(
         "seqio>=0.0.19",
         "tensorflow-datasets>=4.9.6",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]},
     entry_points={"console_scripts": ["midas-train=midas_jax.train:main"]},
 )

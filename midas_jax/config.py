@@ -17,6 +17,7 @@ import gin
 
 from midas_jax import data, model, objectives, schedule  # noqa: F401  (registers gin names)
 from midas_jax.data import synthetic
+from midas_jax import experiments  # noqa: F401  (registers compare_settings)
 from midas_jax.evaluation import suite  # noqa: F401  (registers PrimitiveEval)
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
@@ -149,3 +150,13 @@ def parse(argv: list[str]) -> list[str]:
     logging.getLogger().removeFilter(quiet)
   _check_macros(bindings)
   return files
+
+
+def train_arg(name: str):
+  """The value the parsed gin config binds to `midas_jax.train.train.<name>` (macros and
+  references resolved): lets tools (evaluate, compare) reuse a run's data and sizes."""
+  v = gin.query_parameter(f"midas_jax.train.train.{name}")
+  while isinstance(v, gin.config.ConfigurableReference):
+    v = (v.scoped_configurable_fn() if v.selector == "gin.macro" or v.evaluate
+         else v.scoped_configurable_fn)
+  return v

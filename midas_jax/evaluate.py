@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-import gin
 import jax
 import numpy as np
 from etils import epath
@@ -58,15 +57,6 @@ def _args(argv):
   if bad:
     p.error(f"unrecognized arguments: {' '.join(bad)}")
   return args, rest
-
-
-def _train_arg(name: str):
-  """The value gin binds to `midas_jax.train.train.<name>` (macros and references resolved)."""
-  v = gin.query_parameter(f"midas_jax.train.train.{name}")
-  while isinstance(v, gin.config.ConfigurableReference):
-    v = (v.scoped_configurable_fn() if v.selector == "gin.macro" or v.evaluate
-         else v.scoped_configurable_fn)
-  return v
 
 
 def _names(text: str | None, what: str) -> list[str]:
@@ -153,9 +143,9 @@ def evaluate(args, gin_argv) -> dict:
 
   if args.val_batches > 0:
     t = time.perf_counter()
-    _, val_ds = _train_arg("datasets_fn")(seq_len=_train_arg("seq_len"))
+    _, val_ds = config_lib.train_arg("datasets_fn")(seq_len=config_lib.train_arg("seq_len"))
     results["validation"] = perplexity.validation_loss(
-        params, model, val_ds, _train_arg("batch_size"), args.val_batches, mesh, rules)
+        params, model, val_ds, config_lib.train_arg("batch_size"), args.val_batches, mesh, rules)
     results["validation"]["seconds"] = time.perf_counter() - t
   results["seconds"] = time.perf_counter() - t0
   return results

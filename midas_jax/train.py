@@ -410,9 +410,10 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
   exes = None
   restored = ckpt.restore_latest(lambda meta: _with_shardings(
       abstract(meta["depth"]), mesh, rules, model, tx)) if resume else None
+  elapsed0 = 0.0  # run time before this process (resumed runs), for `elapsed_s`
   if restored is not None:
     step, meta, state = restored
-    depth = int(meta["depth"])
+    depth, elapsed0 = int(meta["depth"]), float(meta.get("elapsed_s", 0.0))
     log.info("Resumed from the step-%d checkpoint (stage %s, depth %d, %s) in %s", step,
              meta.get("stage"), depth, meta.get("phase"), ckpt.directory)
     if meta.get("gin_config") not in (None, operative):
@@ -460,7 +461,8 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
   def meta(si, phase):
     return {"step": step, "stage": si + 1, "depth": depth, "phase": phase,
             "data_position": step, "seed": seed, "num_data_shards": nproc,
-            "schedule": [[st.depth, st.steps] for st in stages], "gin_config": operative}
+            "schedule": [[st.depth, st.steps] for st in stages], "gin_config": operative,
+            "elapsed_s": elapsed0 + time.perf_counter() - t_start}
 
   def save(si, phase, force=False):
     t = time.perf_counter()
@@ -535,7 +537,8 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
       if pending is not None:
         s, m = drain(pending)
         now = time.perf_counter()
-        _record(writer, bar, s, m, si, depth, tokens_per_step, fpt, now - t_prev, last_losses)
+        _record(writer, bar, s, m, si, depth, tokens_per_step, fpt, now - t_prev, last_losses,
+                elapsed0 + now - t_start)
         t_prev = now
       pending = (step, metrics)
       t_pause = time.perf_counter()
@@ -550,7 +553,8 @@ def _run(run_dir, writer, ckpt, preemption, model, stages, block_size, batch_siz
     if pending is not None:
       s, m = drain(pending)
       now = time.perf_counter()
-      _record(writer, bar, s, m, si, depth, tokens_per_step, fpt, now - t_prev, last_losses)
+      _record(writer, bar, s, m, si, depth, tokens_per_step, fpt, now - t_prev, last_losses,
+              elapsed0 + now - t_start)
     stage_time = time.perf_counter() - t_stage
     timers["train"] += stage_time
     if done_here:
@@ -624,8 +628,9 @@ def _summary(run_dir, model, stages, seq_len, tokens_per_step, total, step, dept
   return summary
 
 
-def _record(writer, bar, step, m, si, depth, tokens_per_step, fpt, dt, last_losses):
-  m.update(depth=depth, stage=si + 1, tokens_per_s=tokens_per_step / max(dt, 1e-9),
+def _record(writer, bar, step, m, si, depth, tokens_per_step, fpt, dt, last_losses, elapsed):
+  """Log one step's metrics; `elapsed_s` is the run's wall time so far (across resumes)."""
+  m.update(depth=depth, stage=si + 1, elapsed_s=elapsed, tokens_per_s=tokens_per_step / max(dt, 1e-9),
            flops_per_s=fpt * tokens_per_step / max(dt, 1e-9))
   writer.scalars(step, m)
   bar.update(step, m)

@@ -22,10 +22,13 @@ def validation_loss(params, config: ModelConfig, dataset, batch_size: int = 16,
                     max_batches: int = 50, mesh=None, rules=None) -> dict:
   """Token-weighted mean loss over up to `max_batches` padded validation batches.
 
+  `val_loss_se` is the standard error of that mean from the spread of the per-batch losses
+  (None with fewer than 2 batches): the sampling noise of the estimate, not seed-to-seed noise.
+
   `dataset` is a `data.SeqioLM` (or anything with `eval_batches`), built with the same
   objective and sequence length as training; loss weights exclude padding and prefixes.
   """
-  nll = tokens = 0.0
+  sums = []
   proc, nproc = jax.process_index(), jax.process_count()
   fn = _eval_fn(config)
   for local in dataset.eval_batches(batch_size, max_batches, proc, nproc):
@@ -34,8 +37,12 @@ def validation_loss(params, config: ModelConfig, dataset, batch_size: int = 16,
         s, n = fn(params, sharding.global_batch(local, mesh))
     else:
       s, n = fn(params, {k: np.asarray(v) for k, v in local.items()})
-    nll, tokens = nll + float(s), tokens + float(n)
+    sums.append((float(s), float(n)))
+  tokens = sum(n for _, n in sums)
   if not tokens:
-    return {"val_loss": None, "val_ppl": None, "val_tokens": 0}
-  loss = nll / tokens
-  return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(tokens)}
+    return {"val_loss": None, "val_ppl": None, "val_tokens": 0, "val_loss_se": None}
+  loss = sum(s for s, _ in sums) / tokens
+  per_batch = [s / n for s, n in sums if n]
+  se = float(np.std(per_batch, ddof=1) / np.sqrt(len(per_batch))) if len(per_batch) > 1 else None
+  return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(tokens),
+          "val_loss_se": se}

@@ -1,0 +1,257 @@
+"""Side-by-side reproduction: train Baseline, GradStack and MIDAS alike, evaluate, report.
+
+    python -m midas_jax.experiments.compare --gin_file=experiments/compare_cpu.gin [--gin.X=V ...]
+
+Every method trains the experiment file's model on the same data, for the same steps, from the
+same seed; only the schedule file differs (`methods`: name -> schedule gin file, parsed after
+the experiment's files). Each run lives in `<output_dir>/<method>_seed<N>` and resumes like any
+run (a finished one is reported, not rerun), so rerunning the command continues where it
+stopped. Then each final model gets validation loss (with its sampling error), k-shot primitive
+accuracy, fine-tuned accuracy and its block-similarity matrix; the report (`report.md`,
+`results.json`, PNG plots) compares them and says which differences are within noise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+
+import numpy as np
+from etils import epath
+
+from midas_jax import config as config_lib
+from midas_jax import growth
+from midas_jax import train as train_lib
+from midas_jax.analysis import similarity
+from midas_jax.evaluation import fewshot, finetune, perplexity, plots, primitives
+from midas_jax.experiments import compare_settings
+
+log = logging.getLogger("midas_jax")
+
+def _parse(argv, method: str | None, settings: dict | None, seed: int | None):
+  extra = []
+  if method is not None:
+    run = epath.Path(settings["output_dir"]) / f"{method}_seed{seed}"
+    extra = [f"--gin_file={settings['schedules'][method]}", f"--gin.MODEL_DIR='{run}'",
+             f"--gin.SEED={seed}"]
+  files = [a for a in argv if a.startswith("--gin_file")]
+  rest = [a for a in argv if not a.startswith("--gin_file")]
+  # Schedule file after the experiment's files, command-line bindings last (they win).
+  config_lib.parse(files + extra[:1] + rest + extra[1:])
+
+
+def _evaluate(summary, settings, model_cfg, codec_) -> dict:
+  """Validation loss, k-shot and fine-tuned accuracy, similarity of one finished run."""
+  params = summary["state"].params
+  depth = growth.tree_depth(params)
+  cfg = model_cfg.replace(num_layers=depth)
+  _, val_ds = config_lib.train_arg("datasets_fn")(seq_len=config_lib.train_arg("seq_len"))
+  out = perplexity.validation_loss(params, cfg, val_ds, config_lib.train_arg("batch_size"),
+                                   settings["val_batches"])
+  queries = fewshot.build_queries(settings["eval_tasks"], settings["num_queries"],
+                                  settings["shots"])
+  out["few_shot"] = fewshot.score(params, cfg, queries, codec_)
+  out["finetune"] = {
+      t: finetune.finetune_eval(params, cfg, t, codec_, settings["finetune_examples"],
+                                settings["num_queries"], settings["finetune_steps"],
+                                seeds=settings["finetune_seeds"])
+      for t in settings["finetune_tasks"]}
+  out["similarity"] = {k: v.tolist() for k, v in similarity.block_similarity(
+      params, config_lib.train_arg("block_size")).items()}
+  w = summary["wall_time_s"]
+  out.update(flops=summary["flops"], wall_s=w["compile"] + w["growth"] + w["train"],
+             train_s=w["train"], compile_s=w["compile"], growth_s=w["growth"],
+             final_train_loss=summary["final_loss_avg10"], steps=summary["steps"],
+             stages=[[r["depth"], r["steps"]] for r in summary["stages"]],
+             run_dir=summary["run_dir"])
+  return out
+
+
+def _mean_se(values: list[float], per_run_se: list[float | None]) -> tuple[float, float | None]:
+  """Mean over seeds and its noise: the seeds' standard error if there are several, else the
+  run's own sampling error (which leaves seed-to-seed variation unmeasured)."""
+  if len(values) > 1:
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
+  return float(values[0]), per_run_se[0]
+
+
+def summarize(results: dict, settings: dict) -> dict:
+  """Per method: mean ± noise of each metric over seeds, speed-ups against the baseline."""
+  n_q = settings["num_queries"]
+  acc_se = lambda p, n: math.sqrt(max(p * (1 - p), 1.0 / n) / n)  # binomial; floor at 1/n  # noqa: E731
+  table = {}
+  for method, runs in results.items():
+    rows = list(runs.values())
+    row = {"seeds": len(rows),
+           "val_loss": _mean_se([r["val_loss"] for r in rows], [r["val_loss_se"] for r in rows]),
+           "flops": float(np.mean([r["flops"] for r in rows])),
+           "wall_s": float(np.mean([r["wall_s"] for r in rows])),
+           "stages": rows[0]["stages"]}
+    keys = [k for k in rows[0]["few_shot"] if k.startswith("group/")]
+    row["few_shot"] = {k[6:]: _mean_se([r["few_shot"][k] for r in rows],
+                                       [acc_se(r["few_shot"][k], n_q * len(
+                                           [t for t in settings["eval_tasks"]
+                                            if primitives.get(t).group == k[6:]]))
+                                        for r in rows]) for k in keys}
+    row["finetune"] = {}
+    for t in settings["finetune_tasks"]:
+      seeds_acc = [a for r in rows for a in r["finetune"][t]["per_seed"]]
+      row["finetune"][t] = (float(np.mean(seeds_acc)),
+                            float(np.std(seeds_acc, ddof=1) / math.sqrt(len(seeds_acc)))
+                            if len(seeds_acc) > 1 else None)
+    table[method] = row
+  base = table.get("baseline")
+  for row in table.values():
+    row["speedup_flops"] = base["flops"] / row["flops"] if base else None
+    row["speedup_wall"] = base["wall_s"] / row["wall_s"] if base else None
+  return table
+
+
+def _differs(a, b) -> str:
+  """'within noise' unless the means differ by more than twice their combined error."""
+  (ma, sa), (mb, sb) = a, b
+  if sa is None or sb is None:
+    return "noise unknown"
+  return "within noise" if abs(ma - mb) <= 2 * math.hypot(sa, sb) else "beyond noise"
+
+
+def report(table: dict, settings: dict, title: str) -> str:
+  """`report.md`: the paper-style table, then plain statements about noise."""
+  fmt = lambda m, s, d=3: f"{m:.{d}f}" + (f" ± {s:.{d}f}" if s is not None else "")  # noqa: E731
+  groups = sorted({g for r in table.values() for g in r["few_shot"]})
+  head = (["method", "schedule (depth x steps)", "speed-up FLOPs", "speed-up wall-clock",
+           "val loss"] + [f"{g} {settings['shots']}-shot" for g in groups]
+          + [f"{t} fine-tuned" for t in settings["finetune_tasks"]])
+  lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for m, r in table.items():
+    sched = " ".join(f"{d}x{s}" for d, s in r["stages"])
+    cells = [m, sched, f"{r['speedup_flops']:.3f}x" if r["speedup_flops"] else "-",
+             f"{r['speedup_wall']:.3f}x" if r["speedup_wall"] else "-", fmt(*r["val_loss"], 4)]
+    cells += [fmt(*r["few_shot"][g]) for g in groups]
+    cells += [fmt(*r["finetune"][t]) for t in settings["finetune_tasks"]]
+    lines.append("| " + " | ".join(cells) + " |")
+  seeds = max(r["seeds"] for r in table.values())
+  lines += ["", f"Seeds: {seeds}. ± is " + (
+      "the standard error over seeds." if seeds > 1 else
+      "the sampling error of one run (validation batches; binomial for accuracies); "
+      "seed-to-seed variation is not measured: bind "
+      "`midas_jax.experiments.compare_settings.seeds=[0, 1, 2]` to measure it.")
+      + " Speed-ups are against the baseline: FLOPs from the schedule, wall-clock = compile "
+      "waited for + growth + training.", ""]
+  if "baseline" in table:
+    b = table["baseline"]
+    for m, r in table.items():
+      if m == "baseline":
+        continue
+      verdicts = [f"validation loss {r['val_loss'][0] - b['val_loss'][0]:+.4f} "
+                  f"({_differs(r['val_loss'], b['val_loss'])})"]
+      verdicts += [f"{g} accuracy {r['few_shot'][g][0] - b['few_shot'][g][0]:+.3f} "
+                   f"({_differs(r['few_shot'][g], b['few_shot'][g])})" for g in groups]
+      verdicts += [f"fine-tuned {t} {r['finetune'][t][0] - b['finetune'][t][0]:+.3f} "
+                   f"({_differs(r['finetune'][t], b['finetune'][t])})"
+                   for t in settings["finetune_tasks"]]
+      lines.append(f"- **{m} vs baseline**: " + "; ".join(verdicts) + ".")
+    lines.append("")
+  lines += ["Plots: `loss_vs_step.png`, `loss_vs_wallclock.png`, `accuracy_vs_val_loss.png`, "
+            "`similarity_all.png`.", ""]
+  return "\n".join(lines)
+
+
+def _loss_plots(histories: dict, out) -> list[str]:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  paths = []
+  for x, name in (("step", "loss_vs_step.png"), ("elapsed_s", "loss_vs_wallclock.png")):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, rows in histories.items():
+      pts = [(r[x], r["loss"]) for r in rows if x in r and "loss" in r]
+      if pts:
+        xs, ys = zip(*pts)
+        k = max(1, len(ys) // 50)  # moving average over ~2% of the run
+        ax.plot(xs[k - 1:], np.convolve(ys, np.ones(k) / k, mode="valid"), label=label)
+    ax.set_xlabel("step" if x == "step" else "wall-clock (s)")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(out / name), dpi=110)
+    plt.close(fig)
+    paths.append(str(out / name))
+  return paths
+
+
+def _metrics(run_dir) -> list[dict]:
+  rows = {}
+  for line in (epath.Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if "loss" in r:
+      rows[r["step"]] = r
+  return [rows[s] for s in sorted(rows)]
+
+
+def compare(argv: list[str]) -> dict:
+  """Run every method x seed (resuming), evaluate, write the report; return the results."""
+  _parse(argv, None, None, None)
+  settings = compare_settings()
+  out = epath.Path(settings["output_dir"])
+  out.mkdir(parents=True, exist_ok=True)
+  results, histories, evals, sims = {}, {}, {}, {}
+  for method in settings["methods"]:
+    for seed in settings["seeds"]:
+      log.info("=== %s, seed %d ===", method, seed)
+      _parse(argv, method, settings, seed)
+      summary = train_lib.train()
+      model_cfg = config_lib.ModelConfig()
+      r = _evaluate(summary, settings, model_cfg, fewshot.codec())
+      results.setdefault(method, {})[seed] = r
+      label = method if len(settings["seeds"]) == 1 else f"{method} seed {seed}"
+      histories[label] = _metrics(r["run_dir"])
+      evals[label] = plots.history(r["run_dir"])
+      if seed == settings["seeds"][0]:
+        sims[method] = {k: np.asarray(v) for k, v in r["similarity"].items()}
+      log.info("%s seed %d: val loss %.4f, few-shot %s", method, seed, r["val_loss"],
+               {k: round(v, 3) for k, v in r["few_shot"].items() if k.startswith("group/")})
+  table = summarize(results, settings)
+  title = f"MIDAS vs GradStack vs baseline ({out.name})"
+  (out / "report.md").write_text(report(table, settings, title))
+  (out / "results.json").write_text(json.dumps(
+      {"settings": settings, "summary": table, "runs": results}, indent=2, default=str))
+  _loss_plots(histories, out)
+  chance = {g: float(np.mean([primitives.get(t).chance for t in settings["eval_tasks"]
+                              if primitives.get(t).group == g]))
+            for g in {primitives.get(t).group for t in settings["eval_tasks"]}}
+  plots.accuracy_vs_val_loss(evals, out / "accuracy_vs_val_loss.png", chance)
+  similarity.plot_side_by_side(sims, out / "similarity_all.png")
+  log.info("Wrote %s", out / "report.md")
+  return {"summary": table, "runs": results, "output_dir": str(out)}
+
+
+def main(argv=None) -> int:
+  if not any(getattr(h, "_midas_console", False) for h in log.handlers):
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    h._midas_console = True  # pylint: disable=protected-access
+    log.addHandler(h)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    res = compare(argv)
+  except config_lib.UsageError as e:
+    print(e, file=sys.stderr)
+    return 2
+  except (ValueError, FloatingPointError) as e:
+    log.error("%s", e)
+    return 1
+  print((epath.Path(res["output_dir"]) / "report.md").read_text())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
