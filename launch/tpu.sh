@@ -60,7 +60,9 @@ Example (docs/tpu.md has the whole walk-through):
   $PROG create --accelerator-type v4-32 --spot
   $PROG setup
   $PROG run --run-name 1b-prop1 --bucket gs://my-bucket \\
-    --gin-file gin/experiments/decoder_1b_midas_prop1.gin --gin.midas_jax.sharding.make_mesh.fsdp=-1
+    --gin-file gin/experiments/decoder_1b_midas_prop1.gin --gin.midas_jax.sharding.make_mesh.fsdp=-1 \\
+    --gin.SPM_MODEL="'gs://my-bucket/spm32k.model'" \\
+    --gin.midas_jax.data.tfds_task.data_dir="'gs://my-bucket/tensorflow_datasets'"
   $PROG logs --run-name 1b-prop1
 EOF
 }

@@ -1,23 +1,33 @@
-"""Benchmarks that print figures: matmul ceiling, train-step FLOP/s, MIDAS vs baseline wall time,
-input pipeline vs synthetic batches, checkpoint overhead, in-training eval overhead.
+r"""Benchmarks that print figures: matmul ceiling, train-step FLOP/s and MFU per depth, MIDAS vs
+baseline wall time (per stage: step time, growth, compile), input pipeline vs synthetic batches,
+checkpoint overhead, in-training eval overhead.
 
     python -m midas_jax.bench                       # matmul, step, speedup on the `small` preset
     python -m midas_jax.bench --only=step --model=tiny --batch=16 --seq=128
+    python -m midas_jax.bench --only=depths --model=small --depths=2,6,12 --out=depths.json
+    python -m midas_jax.bench --only=depths --model=decoder_1b --batch=8 --seq=2048 \
+        --gin.midas_jax.model.ModelConfig.attention=cudnn   # one GPU; any --gin.X=V binding
     python -m midas_jax.bench --only=input --only=checkpoint --run_steps=60 --seq=128
     python -m midas_jax.bench --only=eval            # the quickstart with and without its evals
 
-All but `input` and `eval` run on synthetic batches, so they need neither seqio nor tensorflow. Figures
-are ratios measured side by side in one process (shared machines are noisy).
+All but `input` and `eval` run on synthetic batches, so they need neither seqio nor tensorflow.
+Figures are ratios measured side by side in one process (shared machines are noisy). MFU is
+model FLOPs (`model.train_flops_per_token`, no remat recompute) over the matmul ceiling measured
+here in the model's compute dtype, and over the device's datasheet peak when `DATASHEET_PEAKS`
+knows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
+import shutil
+import sys
+import tempfile
 import time
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +36,17 @@ from midas_jax import config as config_lib
 from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
 from midas_jax.model import ModelConfig, init_params, train_flops_per_token
+
+
+_TMP: list[str] = []
+
+
+def _run_dir(name: str) -> str:
+  """A fresh MODEL_DIR for one compared run, in a per-process directory removed at exit."""
+  if not _TMP:
+    _TMP.append(tempfile.mkdtemp(prefix="midas_bench_"))
+    atexit.register(shutil.rmtree, _TMP[0], True)
+  return f"{_TMP[0]}/{name}"
 
 
 def _best_time(fn, *args, reps: int) -> float:
@@ -38,8 +59,34 @@ def _best_time(fn, *args, reps: int) -> float:
   return best
 
 
-def matmul_ceiling(dtype: str = "float32", sizes=(512, 1024, 2048), reps: int = 5) -> dict:
+# Dense (no sparsity) peak FLOP/s per device, (bfloat16, float32), keyed by a lower-case substring
+# of `jax.devices()[0].device_kind` (first match wins: "NVIDIA H100 80GB HBM3" is the SXM part,
+# "NVIDIA H100 PCIe", "TPU v5 lite" is v5e, "TPU v5" v5p, "TPU v6 lite" v6e). NVIDIA's datasheets
+# quote tensor-core rates with 2:4 sparsity; halved here. H100 SXM/PCIe/NVL: BF16 1979/1513/1671,
+# TF32 989/756/835 sparse (H100 datasheet); H200 (SXM) as H100 SXM, H200 NVL as H100 NVL (H200
+# datasheet); A100: BF16 312, TF32 156 dense (A100 datasheet). float32 is the TF32 rate: what
+# float32 matmuls use on these GPUs at JAX's default precision. TPUs, per chip, bf16 (Cloud TPU
+# "TPU versions" pages): v4 275, v5e 197, v5p 459, v6e (Trillium) 918; no float32 figure.
+DATASHEET_PEAKS = (
+    ("h100 nvl", 835e12, 418e12), ("h200 nvl", 835e12, 418e12), ("h100 pcie", 756e12, 378e12),
+    ("h100", 989e12, 494e12), ("h200", 989e12, 494e12), ("a100", 312e12, 156e12),
+    ("tpu v4 lite", None, None), ("tpu v4", 275e12, None), ("tpu v5 lite", 197e12, None),
+    ("tpu v5e", 197e12, None), ("tpu v5", 459e12, None), ("tpu v6 lite", 918e12, None),
+    ("tpu v6e", 918e12, None))
+
+
+def datasheet_peak(device_kind: str, dtype: str) -> float | None:
+  """Dense datasheet peak FLOP/s of one device for matmuls in `dtype`, or None if unknown."""
+  for key, bf16, f32 in DATASHEET_PEAKS:
+    if key in device_kind.lower():
+      return bf16 if dtype == "bfloat16" else f32
+  return None
+
+
+def matmul_ceiling(dtype: str = "float32", sizes=None, reps: int = 5) -> dict:
   """Best FLOP/s of a jitted square matmul over a few sizes: the machine's practical peak."""
+  if sizes is None:  # accelerators need large matmuls to reach their peak
+    sizes = (512, 1024, 2048) if jax.default_backend() == "cpu" else (2048, 4096, 8192)
   out = {}
   f = jax.jit(lambda a, b: a @ b)
   for n in sizes:
@@ -48,63 +95,139 @@ def matmul_ceiling(dtype: str = "float32", sizes=(512, 1024, 2048), reps: int = 
   return {"flops_per_s": max(out.values()), "by_size": out, "dtype": dtype}
 
 
-def load_model(name: str) -> ModelConfig:
-  """The ModelConfig of a preset in gin/models/."""
-  gin.clear_config()
-  gin.parse_config_file(str(config_lib.GIN_DIR / "models" / f"{name}.gin"))
+def load_model(name: str, bindings=()) -> ModelConfig:
+  """The ModelConfig of a preset in gin/models/, with `--gin.X=V` style bindings applied."""
+  config_lib.parse([f"--gin_file=models/{name}.gin", *bindings])
   return config_lib.ModelConfig()
 
 
-def train_step_flops(model: ModelConfig, batch: int, seq: int, steps: int) -> dict:
-  """Mean step time of the full-depth train step on synthetic data, and its model FLOP/s."""
+def default_block(num_layers: int) -> int:
+  """Block size of the paper-shaped schedule: 6 stages, else 8 (32 layers), else 1 layer."""
+  return next((num_layers // n for n in (6, 8) if num_layers % n == 0), 1)
+
+
+def train_step_flops(model: ModelConfig, batch: int, seq: int, steps: int,
+                     causal_only: bool = False) -> dict:
+  """Median step time of the train step on synthetic data (already on the device), and its model
+  FLOP/s. `causal_only` drops the segment ids, so attention gets the plain causal mask (cuDNN's
+  fused causal kernel) instead of the explicit mask that packed training data needs."""
   tx = train_lib.make_optimizer()
   lr_fn = train_lib.lr_schedule(total_steps=1000)
-  params = init_params(model, jax.random.PRNGKey(0))
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  def init(rng):
+    params = init_params(model, rng)
+    return train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  state = jax.jit(init)(jax.random.PRNGKey(0))
   ds, _ = synthetic_datasets(seq_len=seq, vocab_size=model.vocab_size)
-  b = ds.batch(0, batch, 0)
+  drop = ("segment_ids", "positions") if causal_only else ()
+  batches = [jax.device_put({k: v for k, v in ds.batch(i, batch, 0).items() if k not in drop})
+             for i in range(4)]
   t = time.perf_counter()
   step = jax.jit(lambda s, x: train_lib.train_step(s, x, config=model, tx=tx, lr_fn=lr_fn),
-                 donate_argnums=0).lower(state, b).compile()
+                 donate_argnums=0).lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t
-  for _ in range(2):
-    state, m = step(state, b)
+  for i in range(2):
+    state, m = step(state, batches[i])
   jax.block_until_ready(m)
   times = []
   for i in range(steps):
     t = time.perf_counter()
-    state, m = step(state, ds.batch(i, batch, 0))
+    state, m = step(state, batches[i % len(batches)])
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   dt = float(np.median(times))
   flops = train_flops_per_token(model, seq) * batch * seq
-  return {"step_time_s": dt, "flops_per_s": flops / dt, "tokens_per_s": batch * seq / dt,
-          "compile_s": compile_s, "flops_per_step": flops}
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"depth": model.num_layers, "step_time_s": dt, "flops_per_s": flops / dt,
+          "tokens_per_s": batch * seq / dt, "compile_s": compile_s, "flops_per_step": flops,
+          "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
 
 
-def midas_vs_baseline(model_name: str, steps: int, batch: int, seq: int, block: int) -> dict:
-  """Run the real trainer twice (baseline, MIDAS Prop-1) and compare wall time.
+def step_at_depths(model: ModelConfig, batch: int, seq: int, steps: int, depths,
+                   ceiling: float, peak: float | None, causal_only: bool = False) -> list[dict]:
+  """`train_step_flops` at each depth (shallow first), with MFU against the measured ceiling and
+  the datasheet peak, and step time and FLOPs relative to the deepest (the MIDAS ideal)."""
+  rows = [train_step_flops(model.replace(num_layers=d), batch, seq, steps, causal_only)
+          for d in sorted(depths)]
+  for r in rows:
+    r["mfu_ceiling"] = r["flops_per_s"] / ceiling
+    r["mfu_datasheet"] = r["flops_per_s"] / peak if peak else None
+    r["time_vs_deepest"] = r["step_time_s"] / rows[-1]["step_time_s"]
+    r["flops_vs_deepest"] = r["flops_per_step"] / rows[-1]["flops_per_step"]
+  return rows
+
+
+def _print_table(header, rows) -> None:
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  for r in (header, *rows):
+    print("  ".join(str(x).rjust(w) for x, w in zip(r, widths)))
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _unit(x: float) -> tuple[float, str]:
+  return (1e12, "TFLOP/s") if x >= 1e12 else (1e9, "GFLOP/s")
+
+
+def print_depths(rows) -> None:
+  mem = any(r["peak_bytes_in_use"] for r in rows)
+  scale, unit = _unit(max(r["flops_per_s"] for r in rows))
+  _print_table(
+      ["depth", "step ms", "tokens/s", unit, "MFU(ceil)", "MFU(sheet)", "t/t_deep",
+       "F/F_deep", "compile s"] + (["peak GiB"] if mem else []),
+      [[r["depth"], f"{1e3 * r['step_time_s']:.1f}", f"{r['tokens_per_s']:,.0f}",
+        f"{r['flops_per_s'] / scale:.1f}", _pct(r["mfu_ceiling"]), _pct(r["mfu_datasheet"]),
+        f"{r['time_vs_deepest']:.3f}", f"{r['flops_vs_deepest']:.3f}", f"{r['compile_s']:.1f}"]
+       + ([f"{(r['peak_bytes_in_use'] or 0) / 2**30:.1f}"] if mem else []) for r in rows])
+
+
+def _stage_rows(s: dict, model: ModelConfig, seq: int, base_step_ms: float | None) -> list[dict]:
+  """Per stage of a trainer summary: step time (and vs the baseline's, ideal = FLOPs ratio),
+  compile work, what the run waited for compile before the stage, and the growth into it."""
+  events = {ev["stage"]: ev for ev in s["growth_events"]}
+  first_wait = s["wall_time_s"]["compile"] - sum(ev["compile_wait_s"] for ev in events.values())
+  full = train_flops_per_token(model, seq)
+  return [{"stage": r["stage"], "depth": r["depth"], "steps": r["steps"],
+           "step_time_ms": r["step_time_ms"], "tokens_per_s": r["tokens_per_s"],
+           "step_vs_baseline": r["step_time_ms"] / base_step_ms if base_step_ms else None,
+           "ideal": train_flops_per_token(model, seq, r["depth"]) / full,
+           "compile_s": r["compile_s"],
+           "compile_wait_s": events[r["stage"]]["compile_wait_s"] if r["stage"] in events
+           else round(first_wait, 3),
+           "growth_s": events[r["stage"]]["time_s"] if r["stage"] in events else 0.0}
+          for r in s["stages"]]
+
+
+def midas_vs_baseline(model_name: str, steps: int, batch: int, seq: int, block: int,
+                      schedule: str = "midas_prop1", bindings=()) -> dict:
+  """Run the real trainer twice (baseline, then `schedule`) and compare wall time.
 
   Wall time = compile (what the run waited for) + growth + train; data loading and process
   start-up are common to both and excluded.
   """
   results = {}
-  for name, schedule in (("baseline", "baseline"), ("midas_prop1", "midas_prop1")):
+  for name in ("baseline", schedule):
     config_lib.parse([
-        f"--gin_file=models/{model_name}.gin", f"--gin_file=schedules/{schedule}.gin",
-        "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR=/tmp/midas_bench/{name}",
+        f"--gin_file=models/{model_name}.gin", f"--gin_file=schedules/{name}.gin",
+        "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR={_run_dir(name)}",
         f"--gin.TRAIN_STEPS={steps}", f"--gin.BATCH_SIZE={batch}", f"--gin.SEQ_LEN={seq}",
         f"--gin.BLOCK_SIZE={block}", "--gin.midas_jax.train.train.progress='none'",
-        "--gin.midas_jax.train.train.eval_batches=1", "--gin.midas_jax.train.train.resume=False"])
-    vocab = config_lib.ModelConfig().vocab_size
-    s = train_lib.train(datasets_fn=lambda seq_len: synthetic_datasets(seq_len, vocab))
+        "--gin.midas_jax.train.train.eval_batches=1", "--gin.midas_jax.train.train.resume=False",
+        *bindings])
+    model = config_lib.ModelConfig()
+    s = train_lib.train(datasets_fn=lambda seq_len: synthetic_datasets(seq_len, model.vocab_size))
     w = s["wall_time_s"]
+    base = results.get("baseline", {}).get("stage_rows", [{}])[-1].get("step_time_ms")
     results[name] = {"wall_s": w["compile"] + w["growth"] + w["train"], **w,
                      "speedup_flops": s["speedup_flops"], "stages": len(s["stages"]),
-                     "final_loss": s["final_loss"]}
-  results["speedup_wallclock"] = results["baseline"]["wall_s"] / results["midas_prop1"]["wall_s"]
-  results["speedup_theory"] = results["midas_prop1"]["speedup_flops"]
-  results["growth_fraction"] = results["midas_prop1"]["growth"] / results["midas_prop1"]["wall_s"]
+                     "final_loss": s["final_loss"],
+                     "stage_rows": _stage_rows(s, model, seq, base)}
+  results["schedule"] = schedule
+  results["speedup_wallclock"] = results["baseline"]["wall_s"] / results[schedule]["wall_s"]
+  results["speedup_theory"] = results[schedule]["speedup_flops"]
+  results["growth_fraction"] = results[schedule]["growth"] / results[schedule]["wall_s"]
+  results["compile_fraction"] = results[schedule]["compile"] / results[schedule]["wall_s"]
   return results
 
 
@@ -112,7 +235,7 @@ def _baseline_run(model_name, steps, batch, seq, name, *extra, datasets_fn=None)
   """One full-depth (baseline schedule) run of the real trainer; steps/s over its train time."""
   config_lib.parse([
       f"--gin_file=models/{model_name}.gin", "--gin_file=schedules/baseline.gin",
-      "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR=/tmp/midas_bench/{name}",
+      "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR={_run_dir(name)}",
       f"--gin.TRAIN_STEPS={steps}", f"--gin.BATCH_SIZE={batch}", f"--gin.SEQ_LEN={seq}",
       "--gin.BLOCK_SIZE=1", "--gin.midas_jax.train.train.progress='none'",
       "--gin.midas_jax.train.train.eval_batches=1", "--gin.midas_jax.train.train.resume=False",
@@ -127,23 +250,25 @@ def _baseline_run(model_name, steps, batch, seq, name, *extra, datasets_fn=None)
           "final_loss": s["final_loss"]}
 
 
-def input_pipeline(model_name: str, steps: int, batch: int, seq: int) -> dict:
+def input_pipeline(model_name: str, steps: int, batch: int, seq: int, bindings=()) -> dict:
   """Steps/s of the trainer on the UL2 seqio pipeline (built-in corpus) vs synthetic batches."""
   from midas_jax.data import make_datasets  # pylint: disable=import-outside-toplevel
   from midas_jax.objectives import UL2  # pylint: disable=import-outside-toplevel
   ul2 = lambda seq_len: make_datasets(seq_len=seq_len, objective=UL2())  # noqa: E731
-  out = {"synthetic": _baseline_run(model_name, steps, batch, seq, "input_synthetic"),
-         "ul2": _baseline_run(model_name, steps, batch, seq, "input_ul2", datasets_fn=ul2)}
+  out = {"synthetic": _baseline_run(model_name, steps, batch, seq, "input_synthetic", *bindings),
+         "ul2": _baseline_run(model_name, steps, batch, seq, "input_ul2", *bindings,
+                              datasets_fn=ul2)}
   out["ratio"] = out["ul2"]["steps_per_s"] / out["synthetic"]["steps_per_s"]
   return out
 
 
-def checkpoint_overhead(model_name: str, steps: int, batch: int, seq: int, every: int) -> dict:
+def checkpoint_overhead(model_name: str, steps: int, batch: int, seq: int, every: int,
+                        bindings=()) -> dict:
   """Steps/s with async orbax checkpoints every `every` steps vs with checkpoints off."""
   out = {"off": _baseline_run(model_name, steps, batch, seq, "ckpt_off",
-                              "--gin.midas_jax.train.train.checkpoints=False"),
+                              "--gin.midas_jax.train.train.checkpoints=False", *bindings),
          "async": _baseline_run(model_name, steps, batch, seq, "ckpt_async",
-                                f"--gin.CHECKPOINT_EVERY={every}")}
+                                f"--gin.CHECKPOINT_EVERY={every}", *bindings)}
   out["ratio"] = out["async"]["steps_per_s"] / out["off"]["steps_per_s"]
   return out
 
@@ -156,7 +281,7 @@ def eval_overhead() -> dict:
   out = {}
   for name, extra in (("off", ["--gin.EVAL_EVERY=0", "--gin.PRIMITIVE_EVAL=None"]), ("on", [])):
     config_lib.parse(["--gin_file=experiments/quickstart.gin",
-                      f"--gin.MODEL_DIR=/tmp/midas_bench/quickstart_eval_{name}",
+                      f"--gin.MODEL_DIR={_run_dir('quickstart_eval_' + name)}",
                       "--gin.midas_jax.train.train.progress='none'",
                       "--gin.midas_jax.train.train.resume=False", *extra])
     s = train_lib.train()
@@ -167,53 +292,94 @@ def eval_overhead() -> dict:
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                              epilog="Any --gin.X=V (or --gin_bindings='X = V') binds gin for the "
+                              "model and the compared runs,\ne.g. "
+                              "--gin.midas_jax.model.ModelConfig.remat=full.")
   p.add_argument("--model", default="small", help="preset in gin/models/")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--steps", type=int, default=10, help="timed steps for the step benchmark")
+  p.add_argument("--steps", type=int, default=10, help="timed steps per depth (step, depths)")
+  p.add_argument("--depths", default=None,
+                 help="comma-separated depths for `depths`; default: every multiple of --block")
+  p.add_argument("--causal_only", action="store_true",
+                 help="step/depths: batches without segment ids (plain causal attention mask)")
   p.add_argument("--run_steps", type=int, default=300, help="steps of each compared run")
-  p.add_argument("--block", type=int, default=2, help="block size of the compared MIDAS run")
+  p.add_argument("--block", type=int, default=None,
+                 help="block size (depths, speedup); default: 6 stages (8 if the depth needs it)")
+  p.add_argument("--schedule", default="midas_prop1",
+                 help="schedule (gin/schedules/) compared with the baseline in `speedup`")
   p.add_argument("--checkpoint_every", type=int, default=10)
-  p.add_argument("--only", choices=("matmul", "step", "speedup", "input", "checkpoint", "eval"),
-                 action="append", help="default: matmul, step, speedup")
+  p.add_argument("--only", action="append", choices=(
+      "matmul", "step", "depths", "speedup", "input", "checkpoint", "eval"),
+      help="default: matmul, step, speedup")
   p.add_argument("--out", default=None, help="write the figures as JSON here")
-  args = p.parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args, bindings = p.parse_known_args(argv)
+  if any(not b.startswith(("--gin.", "--gin_bindings=")) for b in bindings):
+    p.error(f"unrecognized arguments: {' '.join(bindings)}")
   logging.getLogger("midas_jax").setLevel(logging.WARNING)
   only = set(args.only or ("matmul", "step", "speedup"))
-  out = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
-         "num_devices": jax.device_count()}
+  dev = jax.devices()[0]
+  out = {"device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
+         "num_devices": jax.device_count(), "argv": argv, "bindings": bindings}
+  model = load_model(args.model, bindings)
+  block = args.block or default_block(model.num_layers)
 
-  if only & {"matmul", "step"}:
-    out["matmul"] = matmul_ceiling()
-    print(f"matmul ceiling (float32): {out['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s  "
-          + "  ".join(f"n={n}: {v / 1e9:.1f}" for n, v in out["matmul"]["by_size"].items()))
+  if only & {"matmul", "step", "depths"}:
+    m = out["matmul"] = matmul_ceiling(model.dtype)
+    m["datasheet_peak"] = peak = datasheet_peak(dev.device_kind, model.dtype)
+    scale, unit = _unit(m["flops_per_s"])
+    print(f"{dev.device_kind}: matmul ceiling ({model.dtype}) {m['flops_per_s'] / scale:.1f} "
+          f"{unit} (" + ", ".join(f"n={n}: {v / scale:.1f}" for n, v in m["by_size"].items())
+          + ")" + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s = ceiling at "
+                   f"{100 * m['flops_per_s'] / peak:.1f}%" if peak else "; no datasheet peak"))
+  if only & {"step", "depths"}:
+    print(f"{args.model}: {model.num_layers} layers, d_model {model.d_model}, {model.dtype}, "
+          f"attention {model.attention}, remat {model.remat}; batch {args.batch} x {args.seq}"
+          + (", plain causal mask" if args.causal_only else ""))
   if "step" in only:
-    model = load_model(args.model)
-    r = out["train_step"] = {"model": args.model, "batch": args.batch, "seq": args.seq,
-                             **train_step_flops(model, args.batch, args.seq, args.steps)}
-    r["fraction_of_matmul"] = r["flops_per_s"] / out["matmul"]["flops_per_s"]
-    print(f"train step ({args.model}, {model.num_layers} layers, batch {args.batch}x{args.seq}): "
-          f"{1e3 * r['step_time_s']:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, "
-          f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_matmul']:.1f}% of the "
-          f"matmul ceiling (compile {r['compile_s']:.1f}s)")
+    (r,) = step_at_depths(model, args.batch, args.seq, args.steps, [model.num_layers],
+                          out["matmul"]["flops_per_s"], peak, args.causal_only)
+    out["train_step"] = {"model": args.model, "batch": args.batch, "seq": args.seq, **r,
+                         "fraction_of_matmul": r["mfu_ceiling"]}
+    scale, unit = _unit(r["flops_per_s"])
+    print(f"train step (full depth): {1e3 * r['step_time_s']:.1f} ms, {r['tokens_per_s']:,.0f} "
+          f"tok/s, {r['flops_per_s'] / scale:.1f} {unit} = {_pct(r['mfu_ceiling'])} of the matmul "
+          f"ceiling, {_pct(r['mfu_datasheet'])} of the datasheet peak (compile "
+          f"{r['compile_s']:.1f}s)")
+  if "depths" in only:
+    depths = ([int(d) for d in args.depths.split(",")] if args.depths
+              else range(block, model.num_layers + 1, block))
+    rows = step_at_depths(model, args.batch, args.seq, args.steps, depths,
+                          out["matmul"]["flops_per_s"], peak, args.causal_only)
+    out["depths"] = {"model": args.model, "batch": args.batch, "seq": args.seq,
+                     "causal_only": args.causal_only, "rows": rows}
+    print_depths(rows)
   if "speedup" in only:
     r = out["speedup"] = midas_vs_baseline(args.model, args.run_steps, args.batch, args.seq,
-                                           args.block)
-    for name in ("baseline", "midas_prop1"):
+                                           block, args.schedule, bindings)
+    for name in ("baseline", args.schedule):
       x = r[name]
       print(f"{name:12s} {x['stages']} stage(s): {x['wall_s']:.1f}s (compile {x['compile']:.1f}"
             f" + growth {x['growth']:.2f} + train {x['train']:.1f}), loss {x['final_loss']:.3f}")
-    print(f"MIDAS Prop-1 wall-clock speed-up {r['speedup_wallclock']:.3f}x "
-          f"(theory {r['speedup_theory']:.3f}x); growth {100 * r['growth_fraction']:.2f}% of run")
+    _print_table(["stage", "depth", "steps", "step ms", "vs base", "ideal", "compile s",
+                  "waited s", "growth s"],
+                 [[x["stage"], x["depth"], x["steps"], f"{x['step_time_ms']:.1f}",
+                   f"{x['step_vs_baseline']:.3f}", f"{x['ideal']:.3f}", f"{x['compile_s']:.1f}",
+                   f"{x['compile_wait_s']:.2f}", f"{x['growth_s']:.3f}"]
+                  for x in r[args.schedule]["stage_rows"]])
+    print(f"{args.schedule} wall-clock speed-up {r['speedup_wallclock']:.3f}x (theory "
+          f"{r['speedup_theory']:.3f}x); growth {_pct(r['growth_fraction'])}, compile waits "
+          f"{_pct(r['compile_fraction'])} of its wall time")
   if "input" in only:
-    r = out["input"] = input_pipeline(args.model, args.run_steps, args.batch, args.seq)
+    r = out["input"] = input_pipeline(args.model, args.run_steps, args.batch, args.seq, bindings)
     print(f"input pipeline ({args.model}, {args.batch}x{args.seq}, {args.run_steps} steps): UL2 "
           f"{r['ul2']['steps_per_s']:.3f} steps/s vs synthetic {r['synthetic']['steps_per_s']:.3f}"
           f" = {100 * r['ratio']:.1f}%")
   if "checkpoint" in only:
     r = out["checkpoint"] = checkpoint_overhead(args.model, args.run_steps, args.batch, args.seq,
-                                                args.checkpoint_every)
+                                                args.checkpoint_every, bindings)
     print(f"checkpoints ({args.model}, async every {args.checkpoint_every} steps): "
           f"{r['async']['steps_per_s']:.3f} steps/s vs {r['off']['steps_per_s']:.3f} without = "
           f"{100 * r['ratio']:.1f}% (blocking save time {r['async']['checkpoint_s']:.2f}s)")

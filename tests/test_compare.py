@@ -30,6 +30,10 @@ def test_summary_speedups_and_noise_verdicts():
   assert table["midas"]["few_shot"]["math"] == pytest.approx((0.5, (0.25 / 100) ** 0.5))
   text = compare.report(table, SETTINGS, "t")
   assert "validation loss +0.0100 (within noise)" in text  # 0.01 < 2 * hypot(0.01, 0.01)
+  paired = {m: {0: {**r[0], "val_batch_losses": [2.0 + d + i / 10 for i in range(4)]}}
+            for (m, r), d in zip(results.items(), (0.0, 0.01))}
+  text = compare.report(compare.summarize(paired, SETTINGS), SETTINGS, "t")
+  assert "(beyond noise: paired over 4 batches, ± 0.0000)" in text  # same shift on every batch
   assert "math accuracy +0.200 (beyond noise)" in text
   assert "seed-to-seed variation is not measured" in text
   assert "| midas | 3x4 6x6 | 1.389x | 1.316x |" in text

@@ -24,6 +24,8 @@ def validation_loss(params, config: ModelConfig, dataset, batch_size: int = 16,
 
   `val_loss_se` is the standard error of that mean from the spread of the per-batch losses
   (None with fewer than 2 batches): the sampling noise of the estimate, not seed-to-seed noise.
+  `val_batch_losses` (the per-batch means) let two models on the same batches be compared
+  pair-wise, which cancels most of that noise.
 
   `dataset` is a `data.SeqioLM` (or anything with `eval_batches`), built with the same
   objective and sequence length as training; loss weights exclude padding and prefixes.
@@ -45,4 +47,4 @@ def validation_loss(params, config: ModelConfig, dataset, batch_size: int = 16,
   per_batch = [s / n for s, n in sums if n]
   se = float(np.std(per_batch, ddof=1) / np.sqrt(len(per_batch))) if len(per_batch) > 1 else None
   return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(tokens),
-          "val_loss_se": se}
+          "val_loss_se": se, "val_batch_losses": per_batch}

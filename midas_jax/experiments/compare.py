@@ -88,7 +88,7 @@ def summarize(results: dict, settings: dict) -> dict:
            "val_loss": _mean_se([r["val_loss"] for r in rows], [r["val_loss_se"] for r in rows]),
            "flops": float(np.mean([r["flops"] for r in rows])),
            "wall_s": float(np.mean([r["wall_s"] for r in rows])),
-           "stages": rows[0]["stages"]}
+           "stages": rows[0]["stages"], "val_batch_losses": rows[0].get("val_batch_losses")}
     keys = [k for k in rows[0]["few_shot"] if k.startswith("group/")]
     row["few_shot"] = {k[6:]: _mean_se([r["few_shot"][k] for r in rows],
                                        [acc_se(r["few_shot"][k], n_q * len(
@@ -115,6 +115,18 @@ def _differs(a, b) -> str:
   if sa is None or sb is None:
     return "noise unknown"
   return "within noise" if abs(ma - mb) <= 2 * math.hypot(sa, sb) else "beyond noise"
+
+
+def _val_differs(r, b) -> str:
+  """Validation loss verdict: with one seed, paired over the shared validation batches (the
+  same batches for every method, so their difficulty cancels); with several, over seeds."""
+  x, y = r.get("val_batch_losses"), b.get("val_batch_losses")
+  if r["seeds"] == 1 and b["seeds"] == 1 and x and y and len(x) == len(y) > 1:
+    d = np.asarray(x) - np.asarray(y)
+    se = float(np.std(d, ddof=1) / math.sqrt(len(d)))
+    word = "within noise" if abs(d.mean()) <= 2 * se else "beyond noise"
+    return f"{word}: paired over {len(d)} batches, ± {se:.4f}"
+  return _differs(r["val_loss"], b["val_loss"])
 
 
 def report(table: dict, settings: dict, title: str) -> str:
@@ -146,7 +158,7 @@ def report(table: dict, settings: dict, title: str) -> str:
       if m == "baseline":
         continue
       verdicts = [f"validation loss {r['val_loss'][0] - b['val_loss'][0]:+.4f} "
-                  f"({_differs(r['val_loss'], b['val_loss'])})"]
+                  f"({_val_differs(r, b)})"]
       verdicts += [f"{g} accuracy {r['few_shot'][g][0] - b['few_shot'][g][0]:+.3f} "
                    f"({_differs(r['few_shot'][g], b['few_shot'][g])})" for g in groups]
       verdicts += [f"fine-tuned {t} {r['finetune'][t][0] - b['finetune'][t][0]:+.3f} "
