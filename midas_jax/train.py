@@ -659,14 +659,25 @@ def _with_shardings(spec: TrainState, mesh, rules, model: ModelConfig, tx) -> Tr
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), spec, shardings)
 
 
-def main(argv=None) -> int:
+class _Stdout(logging.StreamHandler):
+  """A handler on whatever `sys.stdout` is when a line is logged (not when it was made), so
+  a redirected or captured stdout (pytest, notebooks) gets the lines of later calls too."""
+  stream = property(lambda self: sys.stdout, lambda self, _: None)
+
+
+def console_logging() -> None:
+  """midas_jax's INFO lines on stdout with a time stamp (once), for the command lines."""
   if not any(getattr(h, "_midas_console", False) for h in log.handlers):
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Stdout()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     handler._midas_console = True  # pylint: disable=protected-access
     log.addHandler(handler)
   log.setLevel(logging.INFO)
   log.propagate = False  # keep gin's and jax's INFO chatter off the console
+
+
+def main(argv=None) -> int:
+  console_logging()
   argv = sys.argv[1:] if argv is None else argv
   try:
     config_lib.parse(argv)

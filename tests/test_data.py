@@ -45,12 +45,7 @@ def unique():
     names.append(f"{prefix}_{uuid.uuid4().hex[:8]}")
     return names[-1]
   yield make
-  seqio = tasks._seqio()  # pylint: disable=protected-access
-  for name in names:
-    for registry in (seqio.TaskRegistry, seqio.MixtureRegistry):
-      if name in registry.names():
-        registry.remove(name)
-    tasks._DEFINITIONS.pop(name, None)  # pylint: disable=protected-access
+  tasks.unregister(*names)
 
 
 @pytest.fixture(scope="module")

@@ -252,12 +252,7 @@ def cleanup():
   from midas_jax.data import tasks  # pylint: disable=import-outside-toplevel
   names = []
   yield names
-  seqio = tasks._seqio()  # pylint: disable=protected-access
-  for name in names:
-    for registry in (seqio.TaskRegistry, seqio.MixtureRegistry):
-      if name in registry.names():
-        registry.remove(name)
-    tasks._DEFINITIONS.pop(name, None)  # pylint: disable=protected-access
+  tasks.unregister(*names)
 
 
 def test_register_seqio_tasks(cleanup):

@@ -248,6 +248,17 @@ def mixture(name: str = gin.REQUIRED, tasks_and_rates: Sequence = gin.REQUIRED) 
                    lambda seqio: seqio.Mixture(name, pairs))
 
 
+def unregister(*names: str) -> None:
+  """Remove Tasks/Mixtures from seqio's registries (and ours), e.g. to redefine one in a
+  notebook or after a test."""
+  seqio = _seqio()
+  for name in names:
+    for registry in (seqio.TaskRegistry, seqio.MixtureRegistry):
+      if name in registry.names():
+        registry.remove(name)
+    _DEFINITIONS.pop(name, None)
+
+
 def import_modules(modules) -> None:
   """Import the modules that register Tasks/Mixtures (T5X's `MIXTURE_OR_TASK_MODULE`)."""
   for module in [modules] if isinstance(modules, str) else (modules or ()):

@@ -245,13 +245,7 @@ def compare(argv: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-  if not any(getattr(h, "_midas_console", False) for h in log.handlers):
-    h = logging.StreamHandler(sys.stdout)
-    h.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    h._midas_console = True  # pylint: disable=protected-access
-    log.addHandler(h)
-  log.setLevel(logging.INFO)
-  log.propagate = False
+  train_lib.console_logging()
   argv = sys.argv[1:] if argv is None else argv
   try:
     res = compare(argv)
