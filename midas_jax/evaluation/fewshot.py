@@ -120,6 +120,35 @@ def _decoder_fn(config: ModelConfig, max_new: int, mesh, rules):
   return jax.jit(generate, out_shardings=NamedSharding(mesh, P()))
 
 
+def _check_vocab(top: int, config: ModelConfig) -> None:
+  if top >= config.vocab_size:
+    raise ValueError(f"A prompt has token id {top} but the model's vocab_size is "
+                     f"{config.vocab_size}: the evaluation vocabulary is not the model's.")
+
+
+def _batch_rows(n: int, batch_size: int, mesh) -> tuple[int, int]:
+  """(rows per batch, padded row count): batches split evenly over the mesh's data x fsdp."""
+  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  B = _round_up(min(batch_size, _round_up(n, shards)), shards)
+  return B, _round_up(n, B)
+
+
+def _run_batches(fn, params, arrays, B: int, n: int, mesh, rules, *extra):
+  """`fn(params, *batch, *extra)` over `B`-row slices of `arrays` (sharded over the mesh's
+  batch axes when there is one; every process passes the same rows); the first `n` rows."""
+  out = []
+  for s in range(0, arrays[0].shape[0], B):
+    batch = [a[s:s + B] for a in arrays]
+    if mesh is None:
+      out.append(np.asarray(fn(params, *batch, *extra)))
+      continue
+    sh = sharding.batch_sharding(mesh)
+    batch = [jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]) for a in batch]
+    with sharding.axis_rules_context(mesh, rules):
+      out.append(np.asarray(fn(params, *batch, *extra)))
+  return np.concatenate(out)[:n]
+
+
 def generate(params, config: ModelConfig, prompts_ids: Sequence[Sequence[int]], max_new: int,
              mesh=None, rules=None, batch_size: int = 64, row_len: int | None = None):
   """Greedy continuations `N x max_new` (token ids) of the prompts, `batch_size` rows at a time.
@@ -128,34 +157,19 @@ def generate(params, config: ModelConfig, prompts_ids: Sequence[Sequence[int]], 
   prompts) and the result is replicated, so every process reads all of it.
   """
   n = len(prompts_ids)
-  top = max(max(p, default=0) for p in prompts_ids)
-  if top >= config.vocab_size:
-    raise ValueError(f"A prompt has token id {top} but the model's vocab_size is "
-                     f"{config.vocab_size}: the evaluation vocabulary is not the model's.")
+  _check_vocab(max(max(p, default=0) for p in prompts_ids), config)
   need = max(len(p) for p in prompts_ids) + 1 + max_new
   T = row_len or _round_up(need, ROW_MULTIPLE)
   if T < need:
     raise ValueError(f"row_len={T} is shorter than the longest prompt plus answer ({need}).")
-  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  B = _round_up(min(batch_size, _round_up(n, shards)), shards)
-  tokens = np.zeros((_round_up(n, B), T), np.int32)
+  B, rows = _batch_rows(n, batch_size, mesh)
+  tokens = np.zeros((rows, T), np.int32)
   lengths = np.ones((tokens.shape[0],), np.int32)
   for i, ids in enumerate(prompts_ids):
     tokens[i, 1:1 + len(ids)] = ids
     lengths[i] = 1 + len(ids)
-  fn = _decoder_fn(config, int(max_new), mesh, rules)
-  out = []
-  for s in range(0, tokens.shape[0], B):
-    tok, ln = tokens[s:s + B], lengths[s:s + B]
-    if mesh is not None:
-      sh = sharding.batch_sharding(mesh)
-      tok = jax.make_array_from_callback(tok.shape, sh, lambda idx, a=tok: a[idx])
-      ln = jax.make_array_from_callback(ln.shape, sh, lambda idx, a=ln: a[idx])
-      with sharding.axis_rules_context(mesh, rules):
-        out.append(np.asarray(fn(params, tok, ln)))
-    else:
-      out.append(np.asarray(fn(params, tok, ln)))
-  return np.concatenate(out)[:n]
+  return _run_batches(_decoder_fn(config, int(max_new), mesh, rules), params,
+                      [tokens, lengths], B, n, mesh, rules)
 
 
 def answer_ids(ids, codec_) -> list[int]:
@@ -198,15 +212,11 @@ def greedy_matches(params, config: ModelConfig, prompts_ids, answers_ids, stop_i
   it, instead of one pass per generated token.
   """
   rows = [[0] + list(p) + list(a) for p, a in zip(prompts_ids, answers_ids)]
-  top = max(max(r) for r in rows)
-  if top >= config.vocab_size:
-    raise ValueError(f"A prompt has token id {top} but the model's vocab_size is "
-                     f"{config.vocab_size}: the evaluation vocabulary is not the model's.")
+  _check_vocab(max(max(r) for r in rows), config)
   T = _round_up(max(len(r) for r in rows), ROW_MULTIPLE)
-  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
   n = len(rows)
-  B = _round_up(min(batch_size, _round_up(n, shards)), shards)
-  inputs, targets = (np.zeros((_round_up(n, B), T), np.int32) for _ in range(2))
+  B, padded = _batch_rows(n, batch_size, mesh)
+  inputs, targets = (np.zeros((padded, T), np.int32) for _ in range(2))
   mask = np.zeros(inputs.shape, bool)
   stop = np.zeros(inputs.shape[:1], np.int32)
   for i, (r, p) in enumerate(zip(rows, prompts_ids)):
@@ -214,18 +224,8 @@ def greedy_matches(params, config: ModelConfig, prompts_ids, answers_ids, stop_i
     mask[i, len(p):len(r) - 1] = True  # inputs[len(p)] is the prompt's last token
     stop[i] = len(r) - 1  # after the answer's last token
   stop_ids = np.asarray(sorted(set(stop_ids)), np.int32)
-  fn = _matcher_fn(config, mesh, rules)
-  out = []
-  for s in range(0, inputs.shape[0], B):
-    batch = [inputs[s:s + B], targets[s:s + B], mask[s:s + B], stop[s:s + B]]
-    if mesh is not None:
-      sh = sharding.batch_sharding(mesh)
-      batch = [jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]) for a in batch]
-      with sharding.axis_rules_context(mesh, rules):
-        out.append(np.asarray(fn(params, *batch, stop_ids)))
-    else:
-      out.append(np.asarray(fn(params, *batch, stop_ids)))
-  return np.concatenate(out)[:n]
+  return _run_batches(_matcher_fn(config, mesh, rules), params, [inputs, targets, mask, stop],
+                      B, n, mesh, rules, stop_ids)
 
 
 def stop_ids(codec_) -> list[int]:
