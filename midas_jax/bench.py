@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from midas_jax import host_memory
 from midas_jax import config as config_lib
 from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
@@ -134,10 +135,11 @@ def train_step_flops(model: ModelConfig, batch: int, seq: int, steps: int,
     state, m = step(state, batches[i % len(batches)])
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
-  dt = float(np.median(times))
+  dt, best = float(np.median(times)), float(np.min(times))
   flops = train_flops_per_token(model, seq) * batch * seq
   stats = jax.devices()[0].memory_stats() or {}
   return {"depth": model.num_layers, "step_time_s": dt, "flops_per_s": flops / dt,
+          "best_step_time_s": best, "best_flops_per_s": flops / best,
           "tokens_per_s": batch * seq / dt, "compile_s": compile_s, "flops_per_step": flops,
           "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
 
@@ -150,6 +152,8 @@ def step_at_depths(model: ModelConfig, batch: int, seq: int, steps: int, depths,
           for d in sorted(depths)]
   for r in rows:
     r["mfu_ceiling"] = r["flops_per_s"] / ceiling
+    # Best step against the best matmul: both are best-of readings on a shared, noisy host.
+    r["mfu_ceiling_best"] = r["best_flops_per_s"] / ceiling
     r["mfu_datasheet"] = r["flops_per_s"] / peak if peak else None
     r["time_vs_deepest"] = r["step_time_s"] / rows[-1]["step_time_s"]
     r["flops_vs_deepest"] = r["flops_per_step"] / rows[-1]["flops_per_step"]
@@ -174,10 +178,11 @@ def print_depths(rows) -> None:
   mem = any(r["peak_bytes_in_use"] for r in rows)
   scale, unit = _unit(max(r["flops_per_s"] for r in rows))
   _print_table(
-      ["depth", "step ms", "tokens/s", unit, "MFU(ceil)", "MFU(sheet)", "t/t_deep",
-       "F/F_deep", "compile s"] + (["peak GiB"] if mem else []),
-      [[r["depth"], f"{1e3 * r['step_time_s']:.1f}", f"{r['tokens_per_s']:,.0f}",
-        f"{r['flops_per_s'] / scale:.1f}", _pct(r["mfu_ceiling"]), _pct(r["mfu_datasheet"]),
+      ["depth", "step ms", "best ms", "tokens/s", unit, "MFU(ceil)", "best MFU(ceil)",
+       "MFU(sheet)", "t/t_deep", "F/F_deep", "compile s"] + (["peak GiB"] if mem else []),
+      [[r["depth"], f"{1e3 * r['step_time_s']:.1f}", f"{1e3 * r['best_step_time_s']:.1f}",
+        f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / scale:.1f}", _pct(r["mfu_ceiling"]),
+        _pct(r["mfu_ceiling_best"]), _pct(r["mfu_datasheet"]),
         f"{r['time_vs_deepest']:.3f}", f"{r['flops_vs_deepest']:.3f}", f"{r['compile_s']:.1f}"]
        + ([f"{(r['peak_bytes_in_use'] or 0) / 2**30:.1f}"] if mem else []) for r in rows])
 
@@ -292,6 +297,7 @@ def eval_overhead() -> dict:
 
 
 def main(argv=None) -> None:
+  kept = host_memory.keep_freed_memory()
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
                               epilog="Any --gin.X=V (or --gin_bindings='X = V') binds gin for the "
                               "model and the compared runs,\ne.g. "
@@ -322,7 +328,8 @@ def main(argv=None) -> None:
   only = set(args.only or ("matmul", "step", "speedup"))
   dev = jax.devices()[0]
   out = {"device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
-         "num_devices": jax.device_count(), "argv": argv, "bindings": bindings}
+         "num_devices": jax.device_count(), "argv": argv, "bindings": bindings,
+         "host_memory_kept": kept}
   model = load_model(args.model, bindings)
   block = args.block or default_block(model.num_layers)
 
@@ -341,13 +348,22 @@ def main(argv=None) -> None:
   if "step" in only:
     (r,) = step_at_depths(model, args.batch, args.seq, args.steps, [model.num_layers],
                           out["matmul"]["flops_per_s"], peak, args.causal_only)
+    # The host's speed drifts over the minutes the steps take: read the ceiling again, keep
+    # the higher reading (the harder one to reach).
+    again = matmul_ceiling(model.dtype)["flops_per_s"]
+    ceiling = out["matmul"]["flops_per_s"] = max(out["matmul"]["flops_per_s"], again)
+    r["mfu_ceiling"], r["mfu_ceiling_best"] = (r["flops_per_s"] / ceiling,
+                                               r["best_flops_per_s"] / ceiling)
     out["train_step"] = {"model": args.model, "batch": args.batch, "seq": args.seq, **r,
-                         "fraction_of_matmul": r["mfu_ceiling"]}
+                         "ceiling_after_s": again, "fraction_of_matmul": r["mfu_ceiling"],
+                         "fraction_of_matmul_best": r["mfu_ceiling_best"]}
     scale, unit = _unit(r["flops_per_s"])
-    print(f"train step (full depth): {1e3 * r['step_time_s']:.1f} ms, {r['tokens_per_s']:,.0f} "
-          f"tok/s, {r['flops_per_s'] / scale:.1f} {unit} = {_pct(r['mfu_ceiling'])} of the matmul "
-          f"ceiling, {_pct(r['mfu_datasheet'])} of the datasheet peak (compile "
-          f"{r['compile_s']:.1f}s)")
+    print(f"train step (full depth): median {1e3 * r['step_time_s']:.1f} ms, "
+          f"{r['tokens_per_s']:,.0f} tok/s, {r['flops_per_s'] / scale:.1f} {unit} = "
+          f"{_pct(r['mfu_ceiling'])} of the matmul ceiling ({ceiling / scale:.1f} {unit}, the "
+          f"higher of two readings; {again / scale:.1f} after the steps); best step "
+          f"{1e3 * r['best_step_time_s']:.1f} ms = {_pct(r['mfu_ceiling_best'])}; "
+          f"{_pct(r['mfu_datasheet'])} of the datasheet peak (compile {r['compile_s']:.1f}s)")
   if "depths" in only:
     depths = ([int(d) for d in args.depths.split(",")] if args.depths
               else range(block, model.num_layers + 1, block))

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from midas_jax import checkpoint, growth, sharding
+from midas_jax import checkpoint, growth, host_memory, sharding
 from midas_jax import config as config_lib
 from midas_jax import train as train_lib  # also registers midas_jax.train.* in gin
 from midas_jax.evaluation import fewshot, finetune, perplexity, primitives
@@ -152,6 +152,7 @@ def evaluate(args, gin_argv) -> dict:
 
 
 def main(argv=None) -> int:
+  host_memory.keep_freed_memory()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   log.propagate = True
   args, gin_argv = _args(sys.argv[1:] if argv is None else argv)

@@ -138,10 +138,10 @@ class Attention(nn.Module):
 
     if c.attention == "xla":
       # Heads-major (BxHxTxK) batched matmuls: several times faster than BxTxHxK on CPU.
+      # The 1/sqrt(K) scale goes on q (BxTxHxK), not on the T/K times larger scores.
       q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = (
-          jnp.swapaxes(t, 1, 2) for t in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
+          jnp.swapaxes(t, 1, 2) for t in (q_BxTxHxK * (1 / np.sqrt(K)), k_BxTxHxK, v_BxTxHxK))
       scores_BxHxTxT = jnp.einsum("bhqk,bhtk->bhqt", q_BxHxTxK, k_BxHxTxK).astype(jnp.float32)
-      scores_BxHxTxT = scores_BxHxTxT / np.sqrt(K)
       scores_BxHxTxT = jnp.where(mask_BxTxT[:, None], scores_BxHxTxT, -1e30)
       probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(dt)
       out_BxTxHxK = jnp.swapaxes(

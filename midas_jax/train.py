@@ -31,7 +31,7 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from midas_jax import checkpoint, growth, schedule as schedule_lib, sharding
+from midas_jax import checkpoint, growth, host_memory, schedule as schedule_lib, sharding
 from midas_jax import config as config_lib
 from midas_jax.metrics import MetricWriter
 from midas_jax.model import Decoder, ModelConfig, init_params, num_params, train_flops_per_token
@@ -677,6 +677,7 @@ def console_logging() -> None:
 
 
 def main(argv=None) -> int:
+  host_memory.keep_freed_memory()
   console_logging()
   argv = sys.argv[1:] if argv is None else argv
   try:

@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 
 from midas_jax import config as config_lib
-from midas_jax import growth
+from midas_jax import growth, host_memory
 from midas_jax import train as train_lib
 from midas_jax.analysis import similarity
 from midas_jax.evaluation import fewshot, finetune, perplexity, plots, primitives
@@ -245,6 +245,7 @@ def compare(argv: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+  host_memory.keep_freed_memory()
   train_lib.console_logging()
   argv = sys.argv[1:] if argv is None else argv
   try:
