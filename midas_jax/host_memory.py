@@ -32,7 +32,7 @@ def cpu_backend_expected() -> bool:
   platforms = os.environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  names = (d.metadata["Name"] or "" for d in importlib.metadata.distributions())
+  names = (d.metadata.get("Name") or "" for d in importlib.metadata.distributions())
   return not any(n.lower().startswith(_ACCELERATOR_DISTS) for n in names)
 
 
