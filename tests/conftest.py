@@ -15,10 +15,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
-# Reuse freed host memory instead of page-faulting every step's buffers in again (CPU only).
-from midas_jax import host_memory  # noqa: E402
-host_memory.keep_freed_memory()
-
 import jax  # noqa: E402  (after the path and XLA set-up above)
 import optax  # noqa: E402
 
