@@ -297,7 +297,6 @@ def eval_overhead() -> dict:
 
 
 def main(argv=None) -> None:
-  kept = host_memory.keep_freed_memory()
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
                               epilog="Any --gin.X=V (or --gin_bindings='X = V') binds gin for the "
                               "model and the compared runs,\ne.g. "
@@ -329,7 +328,7 @@ def main(argv=None) -> None:
   dev = jax.devices()[0]
   out = {"device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
          "num_devices": jax.device_count(), "argv": argv, "bindings": bindings,
-         "host_memory_kept": kept}
+         "host_memory_kept": host_memory.kept}
   model = load_model(args.model, bindings)
   block = args.block or default_block(model.num_layers)
 
@@ -410,4 +409,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
   main()

@@ -152,7 +152,6 @@ def evaluate(args, gin_argv) -> dict:
 
 
 def main(argv=None) -> int:
-  host_memory.keep_freed_memory()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   log.propagate = True
   args, gin_argv = _args(sys.argv[1:] if argv is None else argv)
@@ -184,4 +183,5 @@ def _jsonable(x):
 
 
 if __name__ == "__main__":
+  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
   sys.exit(main())

@@ -10,7 +10,9 @@ are reused from the third step on (0 faults), and the step runs ~20% faster.
 Only for the CPU backend (device memory on TPU/GPU is not malloc'd, and a host feeding an
 accelerator is better off returning memory) and only on glibc. It must run before JAX starts
 its backend: threads that already have their own malloc arena keep it. The process's resident
-memory then never shrinks below its peak. Set `MIDAS_KEEP_FREED_MEMORY=0` to leave malloc alone.
+memory then never shrinks below its peak. The programs (`python -m midas_jax.train`, `.bench`,
+`.evaluate`, `.experiments.compare`) call it; their `main()`s, imported into a notebook or a test,
+do not. Set `MIDAS_KEEP_FREED_MEMORY=0` to leave malloc alone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 # mallopt(3) parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _ACCELERATOR_DISTS = ("libtpu", "jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")
+kept = False  # whether this process's malloc was set up by `keep_freed_memory`
 
 
 def cpu_backend_expected() -> bool:
@@ -46,5 +49,7 @@ def keep_freed_memory() -> bool:
   libc = ctypes.CDLL("libc.so.6")
   # One arena: worker threads' arenas cannot hold blocks over 64 MB and shrink themselves.
   # No mmap: large blocks come from the heap and stay there. -1: never trim the heap.
-  return all(libc.mallopt(p, v) == 1
+  global kept
+  kept = all(libc.mallopt(p, v) == 1
              for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+  return kept

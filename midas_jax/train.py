@@ -677,7 +677,6 @@ def console_logging() -> None:
 
 
 def main(argv=None) -> int:
-  host_memory.keep_freed_memory()
   console_logging()
   argv = sys.argv[1:] if argv is None else argv
   try:
@@ -694,4 +693,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
   sys.exit(main())

@@ -245,7 +245,6 @@ def compare(argv: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-  host_memory.keep_freed_memory()
   train_lib.console_logging()
   argv = sys.argv[1:] if argv is None else argv
   try:
@@ -261,4 +260,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
   sys.exit(main())
