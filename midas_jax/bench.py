@@ -354,7 +354,7 @@ def main(argv=None) -> None:
     r["mfu_ceiling"], r["mfu_ceiling_best"] = (r["flops_per_s"] / ceiling,
                                                r["best_flops_per_s"] / ceiling)
     out["train_step"] = {"model": args.model, "batch": args.batch, "seq": args.seq, **r,
-                         "ceiling_after_s": again, "fraction_of_matmul": r["mfu_ceiling"],
+                         "ceiling_after_flops_per_s": again, "fraction_of_matmul": r["mfu_ceiling"],
                          "fraction_of_matmul_best": r["mfu_ceiling_best"]}
     scale, unit = _unit(r["flops_per_s"])
     print(f"train step (full depth): median {1e3 * r['step_time_s']:.1f} ms, "
