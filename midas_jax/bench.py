@@ -107,11 +107,21 @@ def default_block(num_layers: int) -> int:
   return next((num_layers // n for n in (6, 8) if num_layers % n == 0), 1)
 
 
+def paired_fraction(flops_per_step: float, step_times_s, ceilings) -> float:
+  """Median over steps of the step's FLOP/s over the ceiling read beside it."""
+  return float(np.median([flops_per_step / t / c for t, c in zip(step_times_s, ceilings)]))
+
+
 def train_step_flops(model: ModelConfig, batch: int, seq: int, steps: int,
-                     causal_only: bool = False) -> dict:
+                     causal_only: bool = False, ceiling_fn=None) -> dict:
   """Median step time of the train step on synthetic data (already on the device), and its model
   FLOP/s. `causal_only` drops the segment ids, so attention gets the plain causal mask (cuDNN's
-  fused causal kernel) instead of the explicit mask that packed training data needs."""
+  fused causal kernel) instead of the explicit mask that packed training data needs.
+
+  `ceiling_fn() -> FLOP/s`, when given, reads the matmul ceiling right after every step, and
+  `fraction_paired` is the median over steps of step FLOP/s over the ceiling read beside it: on
+  a shared host whose speed drifts, the pair sees the same host.
+  """
   tx = train_lib.make_optimizer()
   lr_fn = train_lib.lr_schedule(total_steps=1000)
   def init(rng):
@@ -129,27 +139,34 @@ def train_step_flops(model: ModelConfig, batch: int, seq: int, steps: int,
   for i in range(2):
     state, m = step(state, batches[i])
   jax.block_until_ready(m)
-  times = []
+  times, ceilings = [], []
   for i in range(steps):
     t = time.perf_counter()
     state, m = step(state, batches[i % len(batches)])
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
+    if ceiling_fn is not None:
+      ceilings.append(ceiling_fn())
   dt, best = float(np.median(times)), float(np.min(times))
   flops = train_flops_per_token(model, seq) * batch * seq
   stats = jax.devices()[0].memory_stats() or {}
-  return {"depth": model.num_layers, "step_time_s": dt, "flops_per_s": flops / dt,
-          "best_step_time_s": best, "best_flops_per_s": flops / best,
-          "tokens_per_s": batch * seq / dt, "compile_s": compile_s, "flops_per_step": flops,
-          "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+  out = {"depth": model.num_layers, "step_time_s": dt, "flops_per_s": flops / dt,
+         "best_step_time_s": best, "best_flops_per_s": flops / best,
+         "tokens_per_s": batch * seq / dt, "compile_s": compile_s, "flops_per_step": flops,
+         "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "step_times_s": times}
+  if ceilings:
+    out["ceilings_paired"] = ceilings
+    out["fraction_paired"] = paired_fraction(flops, times, ceilings)
+  return out
 
 
 def step_at_depths(model: ModelConfig, batch: int, seq: int, steps: int, depths,
-                   ceiling: float, peak: float | None, causal_only: bool = False) -> list[dict]:
+                   ceiling: float, peak: float | None, causal_only: bool = False,
+                   ceiling_fn=None) -> list[dict]:
   """`train_step_flops` at each depth (shallow first), with MFU against the measured ceiling and
   the datasheet peak, and step time and FLOPs relative to the deepest (the MIDAS ideal)."""
-  rows = [train_step_flops(model.replace(num_layers=d), batch, seq, steps, causal_only)
-          for d in sorted(depths)]
+  rows = [train_step_flops(model.replace(num_layers=d), batch, seq, steps, causal_only,
+                           ceiling_fn) for d in sorted(depths)]
   for r in rows:
     r["mfu_ceiling"] = r["flops_per_s"] / ceiling
     # Best step against the best matmul: both are best-of readings on a shared, noisy host.
@@ -205,31 +222,44 @@ def _stage_rows(s: dict, model: ModelConfig, seq: int, base_step_ms: float | Non
 
 
 def midas_vs_baseline(model_name: str, steps: int, batch: int, seq: int, block: int,
-                      schedule: str = "midas_prop1", bindings=()) -> dict:
-  """Run the real trainer twice (baseline, then `schedule`) and compare wall time.
+                      schedule: str = "midas_prop1", bindings=(), order: str = "ab") -> dict:
+  """Run the real trainer for the baseline and `schedule` and compare wall time.
 
+  `order="ab"` runs the baseline, then `schedule`. `"aba"` runs the baseline again afterwards
+  and compares against the mean of the two baseline runs: a host whose speed drifts steadily
+  over the run then biases neither side (`baseline_after` holds the second run).
   Wall time = compile (what the run waited for) + growth + train; data loading and process
   start-up are common to both and excluded.
   """
-  results = {}
-  for name in ("baseline", schedule):
+  if order not in ("ab", "aba"):
+    raise ValueError(f"order={order!r}: use 'ab' (baseline, then {schedule}) or 'aba' (the "
+                     "baseline again afterwards, compared by the mean of the two)")
+  results, summaries = {}, {}
+  names = ("baseline", schedule) + (("baseline_after",) if order == "aba" else ())
+  for name in names:
     config_lib.parse([
-        f"--gin_file=models/{model_name}.gin", f"--gin_file=schedules/{name}.gin",
+        f"--gin_file=models/{model_name}.gin",
+        f"--gin_file=schedules/{'baseline' if name == 'baseline_after' else name}.gin",
         "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR={_run_dir(name)}",
         f"--gin.TRAIN_STEPS={steps}", f"--gin.BATCH_SIZE={batch}", f"--gin.SEQ_LEN={seq}",
         f"--gin.BLOCK_SIZE={block}", "--gin.midas_jax.train.train.progress='none'",
         "--gin.midas_jax.train.train.eval_batches=1", "--gin.midas_jax.train.train.resume=False",
         *bindings])
     model = config_lib.ModelConfig()
-    s = train_lib.train(datasets_fn=lambda seq_len: synthetic_datasets(seq_len, model.vocab_size))
+    s = summaries[name] = train_lib.train(
+        datasets_fn=lambda seq_len: synthetic_datasets(seq_len, model.vocab_size))
     w = s["wall_time_s"]
-    base = results.get("baseline", {}).get("stage_rows", [{}])[-1].get("step_time_ms")
     results[name] = {"wall_s": w["compile"] + w["growth"] + w["train"], **w,
                      "speedup_flops": s["speedup_flops"], "stages": len(s["stages"]),
-                     "final_loss": s["final_loss"],
-                     "stage_rows": _stage_rows(s, model, seq, base)}
-  results["schedule"] = schedule
-  results["speedup_wallclock"] = results["baseline"]["wall_s"] / results[schedule]["wall_s"]
+                     "final_loss": s["final_loss"]}
+  bases = [n for n in names if n != schedule]
+  # Step times relative to the baseline's full-depth step (the mean of both runs under "aba").
+  base_ms = float(np.mean([summaries[n]["stages"][-1]["step_time_ms"] for n in bases]))
+  for name in names:
+    results[name]["stage_rows"] = _stage_rows(summaries[name], model, seq, base_ms)
+  results["schedule"], results["order"] = schedule, order
+  base_s = float(np.mean([results[n]["wall_s"] for n in bases]))
+  results["speedup_wallclock"] = float(base_s / results[schedule]["wall_s"])
   results["speedup_theory"] = results[schedule]["speedup_flops"]
   results["growth_fraction"] = results[schedule]["growth"] / results[schedule]["wall_s"]
   results["compile_fraction"] = results[schedule]["compile"] / results[schedule]["wall_s"]
@@ -315,6 +345,9 @@ def main(argv=None) -> None:
   p.add_argument("--schedule", default="midas_prop1",
                  help="schedule (gin/schedules/) compared with the baseline in `speedup`")
   p.add_argument("--checkpoint_every", type=int, default=10)
+  p.add_argument("--speedup_order", choices=("ab", "aba"), default="ab",
+                 help="`speedup`: baseline then schedule (ab), or the baseline again after it "
+                      "(aba), compared by the mean of the two (robust to a drifting host)")
   p.add_argument("--only", action="append", choices=(
       "matmul", "step", "depths", "speedup", "input", "checkpoint", "eval"),
       help="default: matmul, step, speedup")
@@ -345,8 +378,10 @@ def main(argv=None) -> None:
           f"attention {model.attention}, remat {model.remat}; batch {args.batch} x {args.seq}"
           + (", plain causal mask" if args.causal_only else ""))
   if "step" in only:
+    # The same ceiling (best of 2 per size) read again after every step.
+    paired = lambda: matmul_ceiling(model.dtype, reps=2)["flops_per_s"]
     (r,) = step_at_depths(model, args.batch, args.seq, args.steps, [model.num_layers],
-                          out["matmul"]["flops_per_s"], peak, args.causal_only)
+                          out["matmul"]["flops_per_s"], peak, args.causal_only, paired)
     # The host's speed drifts over the minutes the steps take: read the ceiling again, keep
     # the higher reading (the harder one to reach).
     again = matmul_ceiling(model.dtype)["flops_per_s"]
@@ -355,7 +390,8 @@ def main(argv=None) -> None:
                                                r["best_flops_per_s"] / ceiling)
     out["train_step"] = {"model": args.model, "batch": args.batch, "seq": args.seq, **r,
                          "ceiling_after_flops_per_s": again, "fraction_of_matmul": r["mfu_ceiling"],
-                         "fraction_of_matmul_best": r["mfu_ceiling_best"]}
+                         "fraction_of_matmul_best": r["mfu_ceiling_best"],
+                         "fraction_of_matmul_paired": r["fraction_paired"]}
     scale, unit = _unit(r["flops_per_s"])
     print(f"train step (full depth): median {1e3 * r['step_time_s']:.1f} ms, "
           f"{r['tokens_per_s']:,.0f} tok/s, {r['flops_per_s'] / scale:.1f} {unit} = "
@@ -363,6 +399,9 @@ def main(argv=None) -> None:
           f"higher of two readings; {again / scale:.1f} after the steps); best step "
           f"{1e3 * r['best_step_time_s']:.1f} ms = {_pct(r['mfu_ceiling_best'])}; "
           f"{_pct(r['mfu_datasheet'])} of the datasheet peak (compile {r['compile_s']:.1f}s)")
+    print(f"side by side, the ceiling read after every step: median "
+          f"{_pct(r['fraction_paired'])} of it (its readings {min(r['ceilings_paired']) / scale:.1f}"
+          f"-{max(r['ceilings_paired']) / scale:.1f} {unit})")
   if "depths" in only:
     depths = ([int(d) for d in args.depths.split(",")] if args.depths
               else range(block, model.num_layers + 1, block))
@@ -373,8 +412,8 @@ def main(argv=None) -> None:
     print_depths(rows)
   if "speedup" in only:
     r = out["speedup"] = midas_vs_baseline(args.model, args.run_steps, args.batch, args.seq,
-                                           block, args.schedule, bindings)
-    for name in ("baseline", args.schedule):
+                                           block, args.schedule, bindings, args.speedup_order)
+    for name in ("baseline", args.schedule, "baseline_after")[:len(args.speedup_order)]:
       x = r[name]
       print(f"{name:12s} {x['stages']} stage(s): {x['wall_s']:.1f}s (compile {x['compile']:.1f}"
             f" + growth {x['growth']:.2f} + train {x['train']:.1f}), loss {x['final_loss']:.3f}")
@@ -384,7 +423,9 @@ def main(argv=None) -> None:
                    f"{x['step_vs_baseline']:.3f}", f"{x['ideal']:.3f}", f"{x['compile_s']:.1f}",
                    f"{x['compile_wait_s']:.2f}", f"{x['growth_s']:.3f}"]
                   for x in r[args.schedule]["stage_rows"]])
-    print(f"{args.schedule} wall-clock speed-up {r['speedup_wallclock']:.3f}x (theory "
+    print(f"{args.schedule} wall-clock speed-up {r['speedup_wallclock']:.3f}x"
+          + (" over the mean of the two baseline runs" if args.speedup_order == "aba" else "")
+          + f" (theory "
           f"{r['speedup_theory']:.3f}x); growth {_pct(r['growth_fraction'])}, compile waits "
           f"{_pct(r['compile_fraction'])} of its wall time")
   if "input" in only:

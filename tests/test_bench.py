@@ -106,17 +106,29 @@ def test_stage_rows_split_compile_waits_and_growth_per_stage():
   assert 0.5 < first["ideal"] < 1.0  # half the layers; the head does not shrink
 
 
-def test_depths_mode_with_gin_bindings_writes_json(tmp_path, capsys):
+def test_step_and_depths_modes_with_gin_bindings_write_json(tmp_path, capsys):
   out = tmp_path / "b.json"
-  bench.main(["--only=depths", "--model=tiny", *TINY, "--steps=2", f"--out={out}"])
+  bench.main(["--only=step", "--only=depths", "--model=tiny", *TINY, "--steps=2", f"--out={out}"])
   r = json.loads(out.read_text())
+  step = r["train_step"]
+  assert step["depth"] == 2 and len(step["step_times_s"]) == len(step["ceilings_paired"]) == 2
+  assert step["fraction_of_matmul_paired"] == bench.paired_fraction(
+      step["flops_per_step"], step["step_times_s"], step["ceilings_paired"])
   rows = r["depths"]["rows"]
   assert [x["depth"] for x in rows] == [1, 2]  # default: every multiple of the block (1)
   assert rows[-1]["flops_vs_deepest"] == 1.0 and 0.3 < rows[0]["flops_vs_deepest"] < 1.0
   assert all(x["flops_per_s"] > 0 and x["mfu_ceiling"] > 0 for x in rows)
+  assert "fraction_paired" not in rows[0]  # only the step mode reads a ceiling beside each step
   assert r["matmul"]["dtype"] == "float32" and r["matmul"]["datasheet_peak"] is None
   assert "--gin.NUM_LAYERS=2" in r["bindings"]
-  assert "MFU(ceil)" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "MFU(ceil)" in printed and "side by side, the ceiling read after every step" in printed
+
+
+def test_paired_fraction_divides_each_step_by_the_ceiling_read_beside_it():
+  # 100 FLOPs: steps of 1 s, 2 s, 4 s beside ceilings of 200, 25, 50 FLOP/s -> 0.5, 2.0, 0.5.
+  assert bench.paired_fraction(100.0, [1.0, 2.0, 4.0], [200.0, 25.0, 50.0]) == 0.5
+  assert bench.paired_fraction(100.0, [1.0, 2.0], [100.0, 100.0]) == 0.75
 
 
 def test_unknown_argument_is_a_usage_error():
@@ -128,10 +140,13 @@ def test_unknown_argument_is_a_usage_error():
 def test_speedup_mode_reports_per_stage_compile_and_growth(tmp_path):
   out = tmp_path / "s.json"
   bench.main(["--only=speedup", "--model=tiny", *TINY, "--block=1", "--run_steps=6",
-              "--gin.midas_jax.sharding.make_mesh.num_devices=1",
+              "--gin.midas_jax.sharding.make_mesh.num_devices=1", "--speedup_order=aba",
               f"--out={out}"])
   r = json.loads(out.read_text())["speedup"]
   rows = r["midas_prop1"]["stage_rows"]
   assert [x["depth"] for x in rows] == [1, 2] and rows[0]["growth_s"] == 0.0
   assert rows[1]["growth_s"] > 0 and all(x["compile_wait_s"] >= 0 for x in rows)
   assert r["speedup_theory"] > 1 and r["baseline"]["stage_rows"][0]["depth"] == 2
+  # aba: the baseline ran again after MIDAS; the speed-up is over the mean of the two.
+  walls = [r[n]["wall_s"] for n in ("baseline", "baseline_after")]
+  assert r["speedup_wallclock"] == pytest.approx(sum(walls) / 2 / r["midas_prop1"]["wall_s"])
