@@ -7,11 +7,13 @@ checkpoint overhead, in-training eval overhead.
     python -m midas_jax.bench --only=depths --model=small --depths=2,6,12 --out=depths.json
     python -m midas_jax.bench --only=depths --model=decoder_1b --batch=8 --seq=2048 \
         --gin.midas_jax.model.ModelConfig.attention=cudnn   # one GPU; any --gin.X=V binding
+    python -m midas_jax.bench --only=speedup --speedup_order=aba   # baseline before and after
     python -m midas_jax.bench --only=input --only=checkpoint --run_steps=60 --seq=128
     python -m midas_jax.bench --only=eval            # the quickstart with and without its evals
 
 All but `input` and `eval` run on synthetic batches, so they need neither seqio nor tensorflow.
-Figures are ratios measured side by side in one process (shared machines are noisy). MFU is
+Figures are ratios measured side by side in one process (shared machines are noisy; the step
+mode also reads the ceiling beside every step). MFU is
 model FLOPs (`model.train_flops_per_token`, no remat recompute) over the matmul ceiling measured
 here in the model's compute dtype, and over the device's datasheet peak when `DATASHEET_PEAKS`
 knows it.
