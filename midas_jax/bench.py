@@ -415,7 +415,7 @@ def main(argv=None) -> None:
   if "speedup" in only:
     r = out["speedup"] = midas_vs_baseline(args.model, args.run_steps, args.batch, args.seq,
                                            block, args.schedule, bindings, args.speedup_order)
-    for name in ("baseline", args.schedule, "baseline_after")[:len(args.speedup_order)]:
+    for name in ("baseline", args.schedule) + (("baseline_after",) if "baseline_after" in r else ()):
       x = r[name]
       print(f"{name:12s} {x['stages']} stage(s): {x['wall_s']:.1f}s (compile {x['compile']:.1f}"
             f" + growth {x['growth']:.2f} + train {x['train']:.1f}), loss {x['final_loss']:.3f}")

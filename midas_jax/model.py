@@ -126,7 +126,7 @@ class Attention(nn.Module):
     wo_HxKxD = _param(self, "o", _kernel_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
     # Projections run on the N = B*T tokens as 2-D matmuls: then each weight gradient is one
     # plain matmul, where contracting over both B and T made XLA:CPU transpose the cotangent
-    # first (about 8% of the CPU `small` step). Only the major axis merges, so sharding holds.
+    # first (the CPU `small` step ran 6-8% longer). Only the major axis merges, so sharding holds.
     B, T, _ = x_BxTxD.shape
     x_NxD = x_BxTxD.astype(dt).reshape(B * T, D)
     # One matmul for q, k and v (parameters stay separate): a wider matmul runs closer to peak.
