@@ -31,7 +31,8 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from midas_jax import checkpoint, growth, host_memory, schedule as schedule_lib, sharding
+from midas_jax import checkpoint, compile_priority, growth, host_memory
+from midas_jax import schedule as schedule_lib, sharding
 from midas_jax import config as config_lib
 from midas_jax.metrics import MetricWriter
 from midas_jax.model import Decoder, ModelConfig, init_params, num_params, train_flops_per_token
@@ -175,13 +176,12 @@ class _Executables:
     self.pool.shutdown(wait=True)
 
   def _build(self, depth: int, spec) -> dict:
-    # Below-normal priority: on a CPU host that also trains, compiling fills idle cycles
-    # instead of slowing the step (Linux applies nice per thread).
-    if hasattr(os, "setpriority"):
-      try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-      except OSError:
-        pass
+    # Below normal priority on a CPU host that also trains, XLA's compile threads included, so
+    # compiling takes the cycles the step leaves idle instead of cores from it.
+    with compile_priority.background():
+      return self._compile(depth, spec)
+
+  def _compile(self, depth: int, spec) -> dict:
     t = time.perf_counter()
     rng_spec = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     batch_sh = jax.tree_util.tree_map(lambda _: sharding.batch_sharding(self.mesh),
@@ -676,21 +676,37 @@ def console_logging() -> None:
   log.propagate = False  # keep gin's and jax's INFO chatter off the console
 
 
-def main(argv=None) -> int:
+def run_cli(run: Callable[[list], Any], report: Callable[[Any], str], argv=None) -> int:
+  """A program's main: `run(argv)`, then print `report(result)`; exit 2 on usage, 1 on bad runs.
+
+  Errors print one line that names the problem (gin and argument mistakes, bad data or a
+  diverged loss), never a traceback.
+  """
   console_logging()
   argv = sys.argv[1:] if argv is None else argv
   try:
-    config_lib.parse(argv)
-    summary = train()
+    result = run(argv)
   except config_lib.UsageError as e:
     print(e, file=sys.stderr)
     return 2
   except (ValueError, FloatingPointError) as e:
     log.error("%s", e)
     return 1
-  print(json.dumps({k: v for k, v in summary.items() if k not in ("stages", "state")}, indent=2))
+  print(report(result))
   return 0
 
+
+def _parse_and_train(argv) -> dict:
+  config_lib.parse(argv)
+  return train()
+
+
+def _summary_json(summary: dict) -> str:
+  return json.dumps({k: v for k, v in summary.items() if k not in ("stages", "state")}, indent=2)
+
+
+def main(argv=None) -> int:
+  return run_cli(_parse_and_train, _summary_json, argv)
 
 if __name__ == "__main__":
   host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()

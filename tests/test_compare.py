@@ -12,6 +12,9 @@ pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
 def _run(method, val, val_se, acc, ft, flops, wall):
   return {"val_loss": val, "val_loss_se": val_se, "few_shot": {"m": acc, "group/math": acc},
           "finetune": {"math_add": {"per_seed": ft}}, "flops": flops, "wall_s": wall,
+          "compile_s": 2.0, "growth_s": 0.5 if method != "baseline" else 0.0,
+          "train_s": wall - 2.5 if method != "baseline" else wall - 2.0,
+          "compile_work_s": 12.0 if method != "baseline" else 2.0,
           "stages": [[6, 10]] if method == "baseline" else [[3, 4], [6, 6]]}
 
 
@@ -37,6 +40,8 @@ def test_summary_speedups_and_noise_verdicts():
   assert "math accuracy +0.200 (beyond noise)" in text
   assert "seed-to-seed variation is not measured" in text
   assert "| midas | 3x4 6x6 | 1.389x | 1.316x |" in text
+  assert ("midas 38.0 s = 2.0 compile waited + 0.50 growth + 35.5 train, 12.0 s of compiling in "
+          "all") in text
 
 
 def test_several_seeds_use_the_spread_over_seeds():

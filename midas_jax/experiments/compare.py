@@ -63,6 +63,7 @@ def _evaluate(summary, settings, model_cfg, codec_) -> dict:
   w = summary["wall_time_s"]
   out.update(flops=summary["flops"], wall_s=w["compile"] + w["growth"] + w["train"],
              train_s=w["train"], compile_s=w["compile"], growth_s=w["growth"],
+             compile_work_s=summary["compile_work_s"],
              final_train_loss=summary["final_loss_avg10"], steps=summary["steps"],
              stages=[[r["depth"], r["steps"]] for r in summary["stages"]],
              run_dir=summary["run_dir"])
@@ -88,6 +89,8 @@ def summarize(results: dict, settings: dict) -> dict:
            "val_loss": _mean_se([r["val_loss"] for r in rows], [r["val_loss_se"] for r in rows]),
            "flops": float(np.mean([r["flops"] for r in rows])),
            "wall_s": float(np.mean([r["wall_s"] for r in rows])),
+           **{k: float(np.mean([r[k] for r in rows]))
+              for k in ("train_s", "compile_s", "growth_s", "compile_work_s")},
            "stages": rows[0]["stages"], "val_batch_losses": rows[0].get("val_batch_losses")}
     keys = [k for k in rows[0]["few_shot"] if k.startswith("group/")]
     row["few_shot"] = {k[6:]: _mean_se([r["few_shot"][k] for r in rows],
@@ -152,6 +155,14 @@ def report(table: dict, settings: dict, title: str) -> str:
       "`midas_jax.experiments.compare_settings.seeds=[0, 1, 2]` to measure it.")
       + " Speed-ups are against the baseline: FLOPs from the schedule, wall-clock = compile "
       "waited for + growth + training.", ""]
+  lines.append("Wall-clock, one run after the other in this process (a shared host's speed "
+               "drifts between runs, so these ratios get no noise verdict): " + "; ".join(
+                   f"{m} {r['wall_s']:.1f} s = {r['compile_s']:.1f} compile waited + "
+                   f"{r['growth_s']:.2f} growth + {r['train_s']:.1f} train, "
+                   f"{r['compile_work_s']:.1f} s of compiling in all" for m, r in table.items())
+               + ". Each depth compiles its own train step; on a CPU-only host that compile "
+               "shares the cores with the training steps, on an accelerator host it does not.")
+  lines.append("")
   if "baseline" in table:
     b = table["baseline"]
     for m, r in table.items():
@@ -245,19 +256,9 @@ def compare(argv: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-  train_lib.console_logging()
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    res = compare(argv)
-  except config_lib.UsageError as e:
-    print(e, file=sys.stderr)
-    return 2
-  except (ValueError, FloatingPointError) as e:
-    log.error("%s", e)
-    return 1
-  print((epath.Path(res["output_dir"]) / "report.md").read_text())
-  return 0
-
+  return train_lib.run_cli(compare,
+                           lambda res: (epath.Path(res["output_dir"]) / "report.md").read_text(),
+                           argv)
 
 if __name__ == "__main__":
   host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
