@@ -159,7 +159,8 @@ def report(table: dict, settings: dict, title: str) -> str:
                "drifts between runs, so these ratios get no noise verdict): " + "; ".join(
                    f"{m} {r['wall_s']:.1f} s = {r['compile_s']:.1f} compile waited + "
                    f"{r['growth_s']:.2f} growth + {r['train_s']:.1f} train, "
-                   f"{r['compile_work_s']:.1f} s of compiling in all" for m, r in table.items())
+                   f"compiles {r['compile_work_s']:.1f} s (mostly in the background)"
+                   for m, r in table.items())
                + ". Each depth compiles its own train step; on a CPU-only host that compile "
                "shares the cores with the training steps, on an accelerator host it does not.")
   lines.append("")
