@@ -261,6 +261,7 @@ def main(argv=None) -> int:
                            lambda res: (epath.Path(res["output_dir"]) / "report.md").read_text(),
                            argv)
 
+
 if __name__ == "__main__":
   host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
   sys.exit(main())
