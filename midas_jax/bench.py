@@ -31,14 +31,13 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from midas_jax import host_memory
 from midas_jax import config as config_lib
 from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
-from midas_jax.model import ModelConfig, init_params, train_flops_per_token
+from midas_jax.model import ModelConfig, train_flops_per_token
 
 
 _TMP: list[str] = []
@@ -126,10 +125,7 @@ def train_step_flops(model: ModelConfig, batch: int, seq: int, steps: int,
   """
   tx = train_lib.make_optimizer()
   lr_fn = train_lib.lr_schedule(total_steps=1000)
-  def init(rng):
-    params = init_params(model, rng)
-    return train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  state = jax.jit(init)(jax.random.PRNGKey(0))
+  state = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))(jax.random.PRNGKey(0))
   ds, _ = synthetic_datasets(seq_len=seq, vocab_size=model.vocab_size)
   drop = ("segment_ids", "positions") if causal_only else ()
   batches = [jax.device_put({k: v for k, v in ds.batch(i, batch, 0).items() if k not in drop})
@@ -162,7 +158,7 @@ def train_step_flops(model: ModelConfig, batch: int, seq: int, steps: int,
   return out
 
 
-def step_at_depths(model: ModelConfig, batch: int, seq: int, steps: int, depths,
+def step_at_depths(model: ModelConfig, batch: int, seq: int, steps: int, depths, *,
                    ceiling: float, peak: float | None, causal_only: bool = False,
                    ceiling_fn=None) -> list[dict]:
   """`train_step_flops` at each depth (shallow first), with MFU against the measured ceiling and
@@ -251,7 +247,7 @@ def midas_vs_baseline(model_name: str, steps: int, batch: int, seq: int, block: 
     s = summaries[name] = train_lib.train(
         datasets_fn=lambda seq_len: synthetic_datasets(seq_len, model.vocab_size))
     w = s["wall_time_s"]
-    results[name] = {"wall_s": w["compile"] + w["growth"] + w["train"], **w,
+    results[name] = {"wall_s": train_lib.run_wall_s(w), **w,
                      "speedup_flops": s["speedup_flops"], "stages": len(s["stages"]),
                      "final_loss": s["final_loss"]}
   bases = [n for n in names if n != schedule]
@@ -328,7 +324,7 @@ def eval_overhead() -> dict:
   return out
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
                               epilog="Any --gin.X=V (or --gin_bindings='X = V') binds gin for the "
                               "model and the compared runs,\ne.g. "
@@ -354,82 +350,81 @@ def main(argv=None) -> None:
       "matmul", "step", "depths", "speedup", "input", "checkpoint", "eval"),
       help="default: matmul, step, speedup")
   p.add_argument("--out", default=None, help="write the figures as JSON here")
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args, bindings = p.parse_known_args(argv)
-  if any(not b.startswith(("--gin.", "--gin_bindings=")) for b in bindings):
-    p.error(f"unrecognized arguments: {' '.join(bindings)}")
-  logging.getLogger("midas_jax").setLevel(logging.WARNING)
-  only = set(args.only or ("matmul", "step", "speedup"))
-  dev = jax.devices()[0]
-  out = {"device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
-         "num_devices": jax.device_count(), "argv": argv, "bindings": bindings,
-         "host_memory_kept": host_memory.kept}
-  model = load_model(args.model, bindings)
-  block = args.block or default_block(model.num_layers)
+  return p
 
-  if only & {"matmul", "step", "depths"}:
-    m = out["matmul"] = matmul_ceiling(model.dtype)
-    m["datasheet_peak"] = peak = datasheet_peak(dev.device_kind, model.dtype)
-    scale, unit = _unit(m["flops_per_s"])
-    print(f"{dev.device_kind}: matmul ceiling ({model.dtype}) {m['flops_per_s'] / scale:.1f} "
-          f"{unit} (" + ", ".join(f"n={n}: {v / scale:.1f}" for n, v in m["by_size"].items())
-          + ")" + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s = ceiling at "
-                   f"{100 * m['flops_per_s'] / peak:.1f}%" if peak else "; no datasheet peak"))
-  if only & {"step", "depths"}:
-    print(f"{args.model}: {model.num_layers} layers, d_model {model.d_model}, {model.dtype}, "
-          f"attention {model.attention}, remat {model.remat}; batch {args.batch} x {args.seq}"
-          + (", plain causal mask" if args.causal_only else ""))
-  if "step" in only:
-    # The same ceiling (best of 2 per size) read again after every step.
-    paired = lambda: matmul_ceiling(model.dtype, reps=2)["flops_per_s"]
-    (r,) = step_at_depths(model, args.batch, args.seq, args.steps, [model.num_layers],
-                          out["matmul"]["flops_per_s"], peak, args.causal_only, paired)
-    # The host's speed drifts over the minutes the steps take: read the ceiling again, keep
-    # the higher reading (the harder one to reach).
-    again = matmul_ceiling(model.dtype)["flops_per_s"]
-    ceiling = out["matmul"]["flops_per_s"] = max(out["matmul"]["flops_per_s"], again)
-    r["mfu_ceiling"], r["mfu_ceiling_best"] = (r["flops_per_s"] / ceiling,
-                                               r["best_flops_per_s"] / ceiling)
-    out["train_step"] = {"model": args.model, "batch": args.batch, "seq": args.seq, **r,
-                         "ceiling_after_flops_per_s": again, "fraction_of_matmul": r["mfu_ceiling"],
-                         "fraction_of_matmul_best": r["mfu_ceiling_best"],
-                         "fraction_of_matmul_paired": r["fraction_paired"]}
-    scale, unit = _unit(r["flops_per_s"])
-    print(f"train step (full depth): median {1e3 * r['step_time_s']:.1f} ms, "
-          f"{r['tokens_per_s']:,.0f} tok/s, {r['flops_per_s'] / scale:.1f} {unit} = "
-          f"{_pct(r['mfu_ceiling'])} of the matmul ceiling ({ceiling / scale:.1f} {unit}, the "
-          f"higher of two readings; {again / scale:.1f} after the steps); best step "
-          f"{1e3 * r['best_step_time_s']:.1f} ms = {_pct(r['mfu_ceiling_best'])}; "
-          f"{_pct(r['mfu_datasheet'])} of the datasheet peak (compile {r['compile_s']:.1f}s)")
-    print(f"side by side, the ceiling read after every step: median "
-          f"{_pct(r['fraction_paired'])} of it (its readings {min(r['ceilings_paired']) / scale:.1f}"
-          f"-{max(r['ceilings_paired']) / scale:.1f} {unit})")
-  if "depths" in only:
-    depths = ([int(d) for d in args.depths.split(",")] if args.depths
-              else range(block, model.num_layers + 1, block))
-    rows = step_at_depths(model, args.batch, args.seq, args.steps, depths,
-                          out["matmul"]["flops_per_s"], peak, args.causal_only)
-    out["depths"] = {"model": args.model, "batch": args.batch, "seq": args.seq,
-                     "causal_only": args.causal_only, "rows": rows}
-    print_depths(rows)
-  if "speedup" in only:
-    r = out["speedup"] = midas_vs_baseline(args.model, args.run_steps, args.batch, args.seq,
-                                           block, args.schedule, bindings, args.speedup_order)
-    for name in ("baseline", args.schedule) + (("baseline_after",) if "baseline_after" in r else ()):
-      x = r[name]
-      print(f"{name:12s} {x['stages']} stage(s): {x['wall_s']:.1f}s (compile {x['compile']:.1f}"
-            f" + growth {x['growth']:.2f} + train {x['train']:.1f}), loss {x['final_loss']:.3f}")
-    _print_table(["stage", "depth", "steps", "step ms", "vs base", "ideal", "compile s",
-                  "waited s", "growth s"],
-                 [[x["stage"], x["depth"], x["steps"], f"{x['step_time_ms']:.1f}",
-                   f"{x['step_vs_baseline']:.3f}", f"{x['ideal']:.3f}", f"{x['compile_s']:.1f}",
-                   f"{x['compile_wait_s']:.2f}", f"{x['growth_s']:.3f}"]
-                  for x in r[args.schedule]["stage_rows"]])
-    print(f"{args.schedule} wall-clock speed-up {r['speedup_wallclock']:.3f}x"
-          + (" over the mean of the two baseline runs" if args.speedup_order == "aba" else "")
-          + f" (theory "
-          f"{r['speedup_theory']:.3f}x); growth {_pct(r['growth_fraction'])}, compile waits "
-          f"{_pct(r['compile_fraction'])} of its wall time")
+
+def _report_matmul(out: dict, model: ModelConfig, dev) -> None:
+  m = out["matmul"] = matmul_ceiling(model.dtype)
+  m["datasheet_peak"] = peak = datasheet_peak(dev.device_kind, model.dtype)
+  scale, unit = _unit(m["flops_per_s"])
+  print(f"{dev.device_kind}: matmul ceiling ({model.dtype}) {m['flops_per_s'] / scale:.1f} "
+        f"{unit} (" + ", ".join(f"n={n}: {v / scale:.1f}" for n, v in m["by_size"].items())
+        + ")" + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s = ceiling at "
+                 f"{100 * m['flops_per_s'] / peak:.1f}%" if peak else "; no datasheet peak"))
+
+
+def _report_step(args, model: ModelConfig, out: dict) -> None:
+  peak = out["matmul"]["datasheet_peak"]
+  # The same ceiling (best of 2 per size) read again after every step.
+  paired = lambda: matmul_ceiling(model.dtype, reps=2)["flops_per_s"]
+  (r,) = step_at_depths(model, args.batch, args.seq, args.steps, [model.num_layers],
+                        ceiling=out["matmul"]["flops_per_s"], peak=peak,
+                        causal_only=args.causal_only, ceiling_fn=paired)
+  # The host's speed drifts over the minutes the steps take: read the ceiling again, keep
+  # the higher reading (the harder one to reach).
+  again = matmul_ceiling(model.dtype)["flops_per_s"]
+  ceiling = out["matmul"]["flops_per_s"] = max(out["matmul"]["flops_per_s"], again)
+  r["mfu_ceiling"], r["mfu_ceiling_best"] = (r["flops_per_s"] / ceiling,
+                                             r["best_flops_per_s"] / ceiling)
+  out["train_step"] = {"model": args.model, "batch": args.batch, "seq": args.seq, **r,
+                       "ceiling_after_flops_per_s": again, "fraction_of_matmul": r["mfu_ceiling"],
+                       "fraction_of_matmul_best": r["mfu_ceiling_best"],
+                       "fraction_of_matmul_paired": r["fraction_paired"]}
+  scale, unit = _unit(r["flops_per_s"])
+  print(f"train step (full depth): median {1e3 * r['step_time_s']:.1f} ms, "
+        f"{r['tokens_per_s']:,.0f} tok/s, {r['flops_per_s'] / scale:.1f} {unit} = "
+        f"{_pct(r['mfu_ceiling'])} of the matmul ceiling ({ceiling / scale:.1f} {unit}, the "
+        f"higher of two readings; {again / scale:.1f} after the steps); best step "
+        f"{1e3 * r['best_step_time_s']:.1f} ms = {_pct(r['mfu_ceiling_best'])}; "
+        f"{_pct(r['mfu_datasheet'])} of the datasheet peak (compile {r['compile_s']:.1f}s)")
+  print(f"side by side, the ceiling read after every step: median "
+        f"{_pct(r['fraction_paired'])} of it (its readings {min(r['ceilings_paired']) / scale:.1f}"
+        f"-{max(r['ceilings_paired']) / scale:.1f} {unit})")
+
+
+def _report_depths(args, model: ModelConfig, out: dict, block: int) -> None:
+  peak = out["matmul"]["datasheet_peak"]
+  depths = ([int(d) for d in args.depths.split(",")] if args.depths
+            else range(block, model.num_layers + 1, block))
+  rows = step_at_depths(model, args.batch, args.seq, args.steps, depths,
+                        ceiling=out["matmul"]["flops_per_s"], peak=peak,
+                        causal_only=args.causal_only)
+  out["depths"] = {"model": args.model, "batch": args.batch, "seq": args.seq,
+                   "causal_only": args.causal_only, "rows": rows}
+  print_depths(rows)
+
+
+def _report_speedup(args, bindings, out: dict, block: int) -> None:
+  r = out["speedup"] = midas_vs_baseline(args.model, args.run_steps, args.batch, args.seq,
+                                         block, args.schedule, bindings, args.speedup_order)
+  for name in ("baseline", args.schedule) + (("baseline_after",) if "baseline_after" in r else ()):
+    x = r[name]
+    print(f"{name:12s} {x['stages']} stage(s): {x['wall_s']:.1f}s (compile {x['compile']:.1f}"
+          f" + growth {x['growth']:.2f} + train {x['train']:.1f}), loss {x['final_loss']:.3f}")
+  _print_table(["stage", "depth", "steps", "step ms", "vs base", "ideal", "compile s",
+                "waited s", "growth s"],
+               [[x["stage"], x["depth"], x["steps"], f"{x['step_time_ms']:.1f}",
+                 f"{x['step_vs_baseline']:.3f}", f"{x['ideal']:.3f}", f"{x['compile_s']:.1f}",
+                 f"{x['compile_wait_s']:.2f}", f"{x['growth_s']:.3f}"]
+                for x in r[args.schedule]["stage_rows"]])
+  print(f"{args.schedule} wall-clock speed-up {r['speedup_wallclock']:.3f}x"
+        + (" over the mean of the two baseline runs" if args.speedup_order == "aba" else "")
+        + f" (theory "
+        f"{r['speedup_theory']:.3f}x); growth {_pct(r['growth_fraction'])}, compile waits "
+        f"{_pct(r['compile_fraction'])} of its wall time")
+
+
+def _report_overheads(args, bindings, only: set, out: dict) -> None:
   if "input" in only:
     r = out["input"] = input_pipeline(args.model, args.run_steps, args.batch, args.seq, bindings)
     print(f"input pipeline ({args.model}, {args.batch}x{args.seq}, {args.run_steps} steps): UL2 "
@@ -446,6 +441,35 @@ def main(argv=None) -> None:
     print(f"quickstart in-training eval: {r['on']['wall_s']:.1f}s with vs {r['off']['wall_s']:.1f}s"
           f" without = +{100 * r['overhead']:.1f}% wall time (eval itself {r['on']['eval_s']:.1f}s"
           f", {100 * r['on']['eval_s'] / r['on']['wall_s']:.1f}% of the run)")
+
+
+def main(argv=None) -> None:
+  p = _parser()
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args, bindings = p.parse_known_args(argv)
+  if any(not b.startswith(("--gin.", "--gin_bindings=")) for b in bindings):
+    p.error(f"unrecognized arguments: {' '.join(bindings)}")
+  logging.getLogger("midas_jax").setLevel(logging.WARNING)
+  only = set(args.only or ("matmul", "step", "speedup"))
+  dev = jax.devices()[0]
+  out = {"device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
+         "num_devices": jax.device_count(), "argv": argv, "bindings": bindings,
+         "host_memory_kept": host_memory.kept}
+  model = load_model(args.model, bindings)
+  block = args.block or default_block(model.num_layers)
+  if only & {"matmul", "step", "depths"}:
+    _report_matmul(out, model, dev)
+  if only & {"step", "depths"}:
+    print(f"{args.model}: {model.num_layers} layers, d_model {model.d_model}, {model.dtype}, "
+          f"attention {model.attention}, remat {model.remat}; batch {args.batch} x {args.seq}"
+          + (", plain causal mask" if args.causal_only else ""))
+  if "step" in only:
+    _report_step(args, model, out)
+  if "depths" in only:
+    _report_depths(args, model, out, block)
+  if "speedup" in only:
+    _report_speedup(args, bindings, out, block)
+  _report_overheads(args, bindings, only, out)
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(out, f, indent=2, default=float)

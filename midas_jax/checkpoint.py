@@ -23,13 +23,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from midas_jax import schedule
+
 log = logging.getLogger("midas_jax.checkpoint")
 
 _COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, before the atomic rename
+CHECKPOINT_SUBDIR = "checkpoints"  # a run directory's checkpoints live in RUN/checkpoints
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint (or the whole directory) is damaged or is not a checkpoint."""
+  """A checkpoint (or the whole directory) is damaged or is not a checkpoint.
+
+  `step` is the checkpoint's step where one is meant (else None); `reason` says what is wrong
+  with it, without the step and directory the message adds.
+  """
+
+  def __init__(self, message: str, *, step: int | None = None, reason: str | None = None):
+    super().__init__(message)
+    self.step = step
+    self.reason = reason if reason is not None else message
 
 
 def _warn(msg, *args):
@@ -51,28 +63,36 @@ _NOISE = ("Encountered error while reading array index", "in OCDBT database",
           "Event loop is closed")
 
 
-def _silence_abandoned_reads():
+def _is_noise(text: str) -> bool:
+  return any(n in text for n in _NOISE)
+
+
+def _silence_abandoned_reads() -> None:
   """Hide what orbax's abandoned reads print after a failed restore (installed once).
 
   When one array read fails, orbax closes its event loop with the sibling reads in flight;
-  they later report "Event loop is closed" or their read errors, each with a multi-KB
-  TensorStore spec, from background threads and the garbage collector. The error that
-  matters is raised (and logged) once, by `restore`. Only unraisable-exception and `asyncio`
-  log reports carrying one of the `_NOISE` messages are dropped.
+  for a while afterwards TensorStore's threads report "Event loop is closed" or their read
+  errors, each with a multi-KB TensorStore spec, as unraisable exceptions and `asyncio` log
+  records: dozens of tracebacks after a one-line fallback warning. The error that matters is
+  raised (and logged) once, by the restore. Those reports arrive at no fixed time after the
+  restore returns (measured: none in some runs, ~100 lines seconds later in others), so a
+  hook scoped to the restore misses them; Python has no per-thread or per-object unraisable
+  hook, hence a process-wide `sys.unraisablehook` wrapper. It drops only reports carrying one
+  of the `_NOISE` messages and passes everything else to the hook it replaced.
   """
   if getattr(sys.unraisablehook, "_midas_filter", False):
     return
   previous = sys.unraisablehook
 
   def hook(u):
-    if not any(n in str(u.exc_value) for n in _NOISE):
+    if not _is_noise(str(u.exc_value)):
       previous(u)
   hook._midas_filter = True
   sys.unraisablehook = hook
   asyncio_log = logging.getLogger("asyncio")
   if not any(getattr(f, "_midas_filter", False) for f in asyncio_log.filters):
     def keep(record):
-      return not any(n in record.getMessage() for n in _NOISE)
+      return not _is_noise(record.getMessage())
     keep._midas_filter = True
     asyncio_log.addFilter(keep)
 
@@ -129,7 +149,7 @@ class Checkpointer:
 
   def should_save(self, step: int) -> bool:
     """Whether `step` is a periodic save step."""
-    return self.save_every > 0 and step > 0 and step % self.save_every == 0
+    return schedule.is_due(step, self.save_every)
 
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
     """Save `state` and `meta` at `step` if due (or `force`); False if skipped.
@@ -169,13 +189,13 @@ class Checkpointer:
     """The meta of `step` if its commit marker, meta and array metadata are readable."""
     step_dir = self.directory / str(step)
     if not (step_dir / _COMMIT_MARKER).exists():
-      raise CheckpointError(f"no commit marker ({_COMMIT_MARKER})")
+      raise CheckpointError(f"no commit marker ({_COMMIT_MARKER})", step=step)
     try:
       meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"meta unreadable: {_reason(e)}") from e
+      raise CheckpointError(f"meta unreadable: {_reason(e)}", step=step) from e
     if not isinstance(meta, dict):
-      raise CheckpointError(f"meta is {type(meta).__name__}, not a dict")
+      raise CheckpointError(f"meta is {type(meta).__name__}, not a dict", step=step)
     self._stored_shapes(step)
     return meta
 
@@ -184,9 +204,9 @@ class Checkpointer:
       tree = self._mngr.item_metadata(step)["state"]
       shapes = _shapes(tree.tree if hasattr(tree, "tree") else tree)
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"array metadata unreadable: {_reason(e)}") from e
+      raise CheckpointError(f"array metadata unreadable: {_reason(e)}", step=step) from e
     if not shapes:
-      raise CheckpointError("array metadata missing")
+      raise CheckpointError("array metadata missing", step=step)
     return shapes
 
   def _newest_first(self):
@@ -198,9 +218,9 @@ class Checkpointer:
       try:
         yield step, self._check(step)
       except CheckpointError as e:
-        self._bad[step] = str(e)
+        self._bad[step] = e.reason
         _warn("Checkpoint step %d in %s is damaged (%s); falling back to an older checkpoint.",
-              step, self.directory, e)
+              step, self.directory, e.reason)
     if steps:
       raise CheckpointError(
           f"No readable checkpoint in {self.directory}: " + "; ".join(
@@ -246,8 +266,25 @@ class Checkpointer:
       return self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target))).state
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be "
-                            f"restored: {_reason(e)}") from e
+      raise self._unrestorable(step, _reason(e)) from e
+
+  def _unrestorable(self, step: int, reason: str) -> CheckpointError:
+    return CheckpointError(f"Checkpoint step {step} in {self.directory} could not be restored: "
+                           f"{reason}", step=step, reason=reason)
+
+  def _newest_restorable(self, read):
+    """`(step, meta, read(step))` of the newest checkpoint whose meta and arrays read.
+
+    A damaged checkpoint is skipped with a warning (and a later save of its step replaces it);
+    None if there is no checkpoint, CheckpointError if none reads.
+    """
+    for step, meta in self._newest_first():
+      try:
+        return step, meta, read(step, meta)
+      except CheckpointError as e:
+        self._bad[step] = e.reason
+        _warn("%s; falling back to an older checkpoint.", e)
+    return None
 
   def restore_latest(self, target_fn) -> tuple[int, dict, object] | None:
     """(step, meta, state) of the newest checkpoint that restores; None if there is none.
@@ -256,13 +293,32 @@ class Checkpointer:
     checkpoint is skipped with a warning; a target mismatch (ValueError) is raised, and so is
     CheckpointError if no checkpoint restores.
     """
-    for step, meta in self._newest_first():
-      try:
-        return step, meta, self.restore(step, target_fn(meta))
-      except CheckpointError as e:
-        self._bad[step] = str(e).split("could not be restored: ")[-1]
-        _warn("%s; falling back to an older checkpoint.", e)
-    return None
+    return self._newest_restorable(lambda step, meta: self.restore(step, target_fn(meta)))
+
+  def _read_params(self, step: int) -> dict:
+    """The `params` subtree of `step`'s state as host numpy arrays (no target needed)."""
+    try:
+      stored = self._mngr.item_metadata(step)["state"]
+      tree = stored.tree if hasattr(stored, "tree") else stored
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unrestorable(step, f"array metadata unreadable: {_reason(e)}") from e
+    if not isinstance(tree, dict) or "params" not in tree:
+      raise self._unrestorable(step, "its state has no `params`.")
+    item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                   tree["params"])}
+    # StandardRestore rejects partial targets; the PyTree handler reads the same files and
+    # with `partial_restore` touches only the arrays named in `item`.
+    handler = ocp.PyTreeCheckpointHandler()
+    _silence_abandoned_reads()
+    try:
+      return handler.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+          item=item, partial_restore=True,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    item)))["params"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unrestorable(step, _reason(e)) from e
+    finally:
+      handler.close()
 
   def restore_params(self, step: int | None = None) -> tuple[int, dict, dict]:
     """(step, meta, params) of `step` (default: the newest readable checkpoint), params only.
@@ -272,53 +328,23 @@ class Checkpointer:
     analysis in a single process. Without `step` a damaged checkpoint is skipped with a warning,
     as in `restore_latest`. CheckpointError if there is no such (readable) checkpoint.
     """
-    def read(step):
-      try:
-        stored = self._mngr.item_metadata(step)["state"]
-        tree = stored.tree if hasattr(stored, "tree") else stored
-      except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be "
-                              f"restored: array metadata unreadable: {_reason(e)}") from e
-      if not isinstance(tree, dict) or "params" not in tree:
-        raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be "
-                              "restored: its state has no `params`.")
-      item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                     tree["params"])}
-      # StandardRestore rejects partial targets; the PyTree handler reads the same files and
-      # with `partial_restore` touches only the arrays named in `item`.
-      handler = ocp.PyTreeCheckpointHandler()
-      _silence_abandoned_reads()
-      try:
-        return handler.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
-            item=item, partial_restore=True,
-            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                      item)))["params"]
-      except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f"Checkpoint step {step} in {self.directory} could not be "
-                              f"restored: {_reason(e)}") from e
-      finally:
-        handler.close()
-
-    if step is not None:
-      step = int(step)
-      self._mngr.wait_until_finished()
-      self._mngr.reload()
-      if step not in self._mngr.all_steps():
-        raise CheckpointError(f"No checkpoint step {step} in {self.directory}; "
-                              f"steps: {self.all_steps()}.")
-      try:
-        meta = self._check(step)
-      except CheckpointError as e:
-        raise CheckpointError(f"Checkpoint step {step} in {self.directory} is damaged "
-                              f"({e}).") from e
-      return step, meta, read(step)
-    for step, meta in self._newest_first():
-      try:
-        return step, meta, read(step)
-      except CheckpointError as e:
-        self._bad[step] = str(e).split("could not be restored: ")[-1]
-        _warn("%s; falling back to an older checkpoint.", e)
-    raise CheckpointError(f"No checkpoints in {self.directory}.")
+    if step is None:
+      found = self._newest_restorable(lambda step, meta: self._read_params(step))
+      if found is None:
+        raise CheckpointError(f"No checkpoints in {self.directory}.")
+      return found
+    step = int(step)
+    self._mngr.wait_until_finished()
+    self._mngr.reload()
+    if step not in self._mngr.all_steps():
+      raise CheckpointError(f"No checkpoint step {step} in {self.directory}; "
+                            f"steps: {self.all_steps()}.", step=step)
+    try:
+      meta = self._check(step)
+    except CheckpointError as e:
+      raise CheckpointError(f"Checkpoint step {step} in {self.directory} is damaged "
+                            f"({e.reason}).", step=step, reason=e.reason) from e
+    return step, meta, self._read_params(step)
 
   def close(self):
     """Wait for pending saves and release the manager."""
@@ -336,11 +362,11 @@ def checkpoint_dir(path) -> tuple[epath.Path, int | None]:
     raise CheckpointError(f"{p} does not exist; {_EXPECTED}.")
   if not p.is_dir():
     raise CheckpointError(f"{p} is a file; {_EXPECTED}.")
-  if (p / "checkpoints").is_dir():  # train.CHECKPOINT_SUBDIR
-    return p / "checkpoints", None
+  if (p / CHECKPOINT_SUBDIR).is_dir():
+    return p / CHECKPOINT_SUBDIR, None
   if p.name.isdigit() and any((p / n).exists() for n in ("state", "meta", _COMMIT_MARKER)):
     return p.parent, int(p.name)
-  if p.name == "checkpoints" or any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
+  if p.name == CHECKPOINT_SUBDIR or any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
     return p, None
   raise CheckpointError(f"{p} holds no checkpoints; {_EXPECTED}.")
 

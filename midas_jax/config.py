@@ -1,5 +1,11 @@
-"""Gin command line, T5X-style: `--gin_file` (repeatable), `--gin.X=V`, `--gin_bindings`,
-`--gin_search_paths`; plus the check that every macro bound on the command line is used.
+"""Gin, in one place: the registry of every configurable name, and the T5X-style command line
+(`--gin_file` (repeatable), `--gin.X=V`, `--gin_bindings`, `--gin_search_paths`).
+
+Every configurable is registered before a file is parsed, whatever the caller imported:
+`CONFIGURABLE_MODULES` lists the modules whose functions and classes carry gin names (those that
+read their settings when the library calls them, such as `midas_jax.data.vocabulary` or
+`midas_jax.sharding.make_mesh`), and the classes and functions defined without gin (the model
+config, the schedule, the datasets) are registered here by `gin.external_configurable`.
 
 Gin already rejects unknown configurables and parameters; a macro (`--gin.TRAIN_STEP=5`) that no
 file references would be silently ignored, so `parse` turns that into an error too.
@@ -8,6 +14,8 @@ file references would be silently ignored, so `parse` turns that into an error t
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import logging
 import os
 import re
@@ -15,13 +23,27 @@ from pathlib import Path
 
 import gin
 
-from midas_jax import data, model, objectives, schedule  # noqa: F401  (registers gin names)
+from midas_jax import data, model, schedule
 from midas_jax.data import synthetic
-from midas_jax import experiments  # noqa: F401  (registers compare_settings)
-from midas_jax.evaluation import suite  # noqa: F401  (registers PrimitiveEval)
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 
+# Modules that define gin-configurable functions and classes (`@gin.configurable`), by gin name
+# prefix: midas_jax.train.{train,lr_schedule,make_optimizer}, midas_jax.sharding.*,
+# midas_jax.data.{vocabulary,text_files_task,tfds_task,mixture}, midas_jax.objectives.*,
+# midas_jax.evaluation.{PrimitiveEval,register_seqio_tasks,primitive_tasks_and_rates},
+# midas_jax.experiments.compare_settings. None imports seqio or TensorFlow.
+CONFIGURABLE_MODULES = (
+    "midas_jax.steps", "midas_jax.train", "midas_jax.sharding", "midas_jax.data.tasks",
+    "midas_jax.objectives", "midas_jax.evaluation.primitives", "midas_jax.evaluation.suite",
+    "midas_jax.experiments.compare")
+
+
+@functools.cache
+def register_all() -> None:
+  """Make gin know every midas_jax name (once; `parse` calls it)."""
+  for name in CONFIGURABLE_MODULES:
+    importlib.import_module(name)
 
 
 def _never_raises(exists):
@@ -36,6 +58,8 @@ def _never_raises(exists):
 # gin's package-resource reader crashes (TypeError) when a directory in the working directory
 # shadows a gin path as a namespace package, e.g. a `runs/` output directory against
 # `include 'runs/pretrain.gin'`; a failed check must just mean "not here, try the next path".
+# gin registers that reader itself and has no public call to remove or wrap a reader
+# (`register_file_reader` only appends), so the registered checks are wrapped in place.
 gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access
     (reader, _never_raises(exists)) for reader, exists in gin.config._FILE_READERS]  # pylint: disable=protected-access
 
@@ -62,6 +86,10 @@ class UsageError(ValueError):
   """A command-line mistake; the message says what to change."""
 
 
+class HelpRequested(UsageError):
+  """`-h` / `--help`: the message is the usage text (printed on stdout, exit 0)."""
+
+
 _LITERAL_START = re.compile(r"""^\s*(['"\[\(\{%@\-+.]|\d|True$|False$|None$)""")
 
 
@@ -76,7 +104,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
   it = iter(argv)
   for arg in it:
     if arg in ("-h", "--help"):
-      raise UsageError(USAGE)
+      raise HelpRequested(USAGE)
     name, eq, value = arg.partition("=")
     if not eq and name in ("--gin_file", "--gin_bindings", "--gin_search_paths"):
       value = next(it, None)
@@ -97,29 +125,14 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
   return files, bindings, paths
 
 
-def _referenced_macros() -> set[str]:
-  names = set()
-
-  def visit(v):
-    if isinstance(v, gin.config.ConfigurableReference):
-      if v.selector == "gin.macro":
-        names.add("/".join(v.scopes))
-    elif isinstance(v, (list, tuple, set)):
-      for x in v:
-        visit(x)
-    elif isinstance(v, dict):
-      for x in v.values():
-        visit(x)
-
-  for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
-    for v in params.values():
-      visit(v)
-  return names
+_MACRO_USE = re.compile(r"%([A-Za-z_][\w./]*)")
+_MACRO_DEF = re.compile(r"^([A-Za-z_][\w/]*)\s*=", re.MULTILINE)
 
 
 def _check_macros(bindings: list[str]) -> None:
-  used = _referenced_macros()
-  defined = {k[0] for k in gin.config._CONFIG if k[1] == "gin.macro"}  # pylint: disable=protected-access
+  """UsageError for a command-line macro that no gin file uses, with close names."""
+  text = gin.config_str()  # every parsed binding, macros included (`NAME = value` lines)
+  used, defined = set(_MACRO_USE.findall(text)), set(_MACRO_DEF.findall(text))
   for b in bindings:
     name = b.split("=", 1)[0].strip()
     if "." in name or "/" in name or name in used:
@@ -133,6 +146,7 @@ def _check_macros(bindings: list[str]) -> None:
 def parse(argv: list[str]) -> list[str]:
   """Parse the command line into the global gin config; return the gin files used."""
   files, bindings, paths = parse_args(argv)
+  register_all()
   gin.clear_config()
   for p in [os.getcwd(), str(GIN_DIR), *paths]:
     gin.add_config_file_search_path(p)

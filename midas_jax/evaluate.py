@@ -25,7 +25,6 @@ from etils import epath
 
 from midas_jax import checkpoint, growth, host_memory, sharding
 from midas_jax import config as config_lib
-from midas_jax import train as train_lib  # also registers midas_jax.train.* in gin
 from midas_jax.evaluation import fewshot, finetune, perplexity, primitives
 
 log = logging.getLogger("midas_jax")
@@ -135,9 +134,9 @@ def evaluate(args, gin_argv) -> dict:
   if not args.no_finetune:
     results["finetune"] = {}
     for task in _names(args.finetune_tasks or args.tasks, "--finetune_tasks"):
-      r = finetune.finetune_eval(params, model, task, codec_, args.finetune_examples,
-                                 args.finetune_eval, args.finetune_steps, lr=args.finetune_lr,
-                                 seeds=seeds)
+      r = finetune.finetune_eval(params, model, task, codec_, num_train=args.finetune_examples,
+                                 num_eval=args.finetune_eval, steps=args.finetune_steps,
+                                 lr=args.finetune_lr, seeds=seeds)
       results["finetune"][task] = r
       log.info("Fine-tuned %s: %.3f ± %.3f over seeds %s", task, r["mean"], r["std"], seeds)
 
@@ -167,7 +166,7 @@ def main(argv=None) -> int:
   if out is None:
     base = epath.Path(args.checkpoint)
     run = next((p for p in (base, base.parent, base.parent.parent)
-                if (p / train_lib.CHECKPOINT_SUBDIR).exists()), base)
+                if (p / checkpoint.CHECKPOINT_SUBDIR).exists()), base)
     out = run / "eval" / f"step_{results['step']}"
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))

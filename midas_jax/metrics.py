@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import time
+from typing import Callable
+
 from etils import epath
 
 log = logging.getLogger("midas_jax")
@@ -74,3 +76,22 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+
+
+def read_rows(run_dir, keep: Callable[[dict], bool] = lambda row: True) -> list[dict]:
+  """The rows of a run's `metrics.jsonl` that `keep` accepts, one per step (the last written
+  wins: a resumed run rewrites the steps after its checkpoint), in step order.
+
+  A line cut short by a kill is skipped; a run without the file has no rows.
+  """
+  path = epath.Path(run_dir) / "metrics.jsonl"
+  rows = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if keep(row):
+        rows[row["step"]] = row
+  return [rows[s] for s in sorted(rows)]

@@ -121,9 +121,24 @@ def total_steps(schedule: Schedule) -> int:
   return sum(s.steps for s in schedule)
 
 
+def stage_ends(schedule: Schedule) -> list[int]:
+  """The global step at which each stage ends (cumulative stage lengths)."""
+  return [int(e) for e in np.cumsum([s.steps for s in schedule])]
+
+
 def boundaries(schedule: Schedule) -> list[int]:
   """Global steps at which a new stage (and so a growth) begins, excluding step 0."""
-  return [int(b) for b in np.cumsum([s.steps for s in schedule])[:-1]]
+  return stage_ends(schedule)[:-1]
+
+
+def stage_of(schedule: Schedule, step: int) -> int:
+  """Index of the stage that trains step `step` (the last stage once the run is done)."""
+  return int(min(np.searchsorted(stage_ends(schedule), step, side="right"), len(schedule) - 1))
+
+
+def is_due(step: int, every: int) -> bool:
+  """Whether a periodic event (save, evaluation) every `every` steps falls on `step` (0: never)."""
+  return every > 0 and step > 0 and step % every == 0
 
 
 def schedule_speedup(schedule: Schedule) -> float:

@@ -16,9 +16,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402  (after the path and XLA set-up above)
-import optax  # noqa: E402
 
-from midas_jax import model  # noqa: E402
+from midas_jax import losses  # noqa: E402
 
 _FAST_FLAG = "jax_disable_most_optimizations"
 
@@ -47,8 +46,8 @@ def fast_xla_compiles():
 
 def _lm_loss(params, config, tokens_BxT):
   """Mean next-token cross-entropy of the decoder on `tokens_BxT`."""
-  logits = model.Decoder(config).apply({"params": params}, tokens_BxT[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxT[:, 1:]).mean()
+  batch = {"inputs": tokens_BxT[:, :-1], "targets": tokens_BxT[:, 1:]}
+  return losses.token_nll(params, batch, config).mean()
 
 
 _LM_LOSS_AND_GRAD = jax.jit(jax.value_and_grad(_lm_loss), static_argnums=1)

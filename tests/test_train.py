@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from midas_jax import config as config_lib
+from midas_jax import steps
 from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
 
@@ -71,8 +72,8 @@ def test_lr_follows_global_step_across_growth(tmp_path):
 @pytest.mark.parametrize("mode", ["copy", "zero", "reset"])
 def test_each_depth_compiles_once_and_opt_modes_run(tmp_path, monkeypatch, mode):
   traced = []
-  real = train_lib.train_step
-  monkeypatch.setattr(train_lib, "train_step",
+  real = steps.train_step
+  monkeypatch.setattr(steps, "train_step",
                       lambda state, batch, **kw: traced.append(kw["config"].num_layers)
                       or real(state, batch, **kw))
   _parse(tmp_path, f"--gin.OPT_STATE_MODE='{mode}'", "--gin.STAGES=[(2, 8), (4, 8), (6, 8)]",

@@ -13,6 +13,7 @@ run sees exactly the batches of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Iterator, Optional
 
@@ -69,18 +70,25 @@ class SeqioLM:
                   "vocabulary": f"{type(self.vocab).__name__}({self.vocab_size} ids)",
                   "seq_len": seq_len}
 
+  @contextlib.contextmanager
+  def _tfds_help(self):
+    """Reading a TFDS-backed Task: its failures become a DataError that says how to get the
+    data (TFDS cannot download here); other providers' errors pass through unchanged."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if tasks.is_tfds(self.provider):
+        raise tasks.tfds_help(self.provider, e) from e
+      raise
+
   def _examples(self, seed: int, shard_index: int, num_shards: int, repeat: bool):
     import seqio  # pylint: disable=import-outside-toplevel
     kwargs = dict(sequence_length=None, split=self.split, shuffle=repeat, seed=seed,
                   try_in_mem_cache=False,  # its partial-read warnings; tokenising is cheap
                   num_epochs=None if repeat else 1, trim_output_features=False,
                   shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None)
-    try:
+    with self._tfds_help():
       ds = self.provider.get_dataset(**kwargs)
-    except Exception as e:  # pylint: disable=broad-except
-      if tasks.is_tfds(self.provider):
-        raise tasks.tfds_help(self.provider, e) from e
-      raise
     return _apply_objective(ds, self.objective, self.info, self.seq_len, seed, shard_index)
 
   def _batched(self, rows: int, seed: int, shard_index: int, num_shards: int, repeat: bool):
@@ -117,12 +125,8 @@ class SeqioLM:
     ds = self._batched(rows, seed, shard_index, num_shards, repeat=True)
     if start_step:
       ds = ds.skip(start_step)  # replays the deterministic stream: exact resumption
-    try:
+    with self._tfds_help():
       yield from ds.prefetch(2).as_numpy_iterator()
-    except Exception as e:  # pylint: disable=broad-except
-      if tasks.is_tfds(self.provider):
-        raise tasks.tfds_help(self.provider, e) from e
-      raise
 
   def batch(self, step: int, batch_size: int, seed: int = 0, shard_index: int = 0,
             num_shards: int = 1) -> Batch:
@@ -142,15 +146,11 @@ class SeqioLM:
     if max_batches is not None:
       ds = ds.take(max_batches)
     n, spec = 0, None
-    try:
+    with self._tfds_help():
       for b in ds.as_numpy_iterator():
         spec = spec or b
         yield {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in b.items()}
         n += 1
-    except Exception as e:  # pylint: disable=broad-except
-      if tasks.is_tfds(self.provider):
-        raise tasks.tfds_help(self.provider, e) from e
-      raise
     if spec is None:
       log.warning("The %r split of %r is empty (shard %d of %d): no validation loss.",
                   self.split, self.name, shard_index, num_shards)

@@ -14,12 +14,12 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+from midas_jax import losses
 from midas_jax.evaluation import fewshot, primitives
-from midas_jax.model import Decoder, ModelConfig
+from midas_jax.model import ModelConfig
 
 _TRAIN_SEED_OFFSET = 7919  # training examples come from a stream apart from the eval queries
 
@@ -47,15 +47,9 @@ def _train_step(config: ModelConfig, lr: float, warmup: int):
   tx = optax.adamw(optax.linear_schedule(0.0, lr, max(warmup, 1)), b1=0.9, b2=0.98,
                    weight_decay=0.0)
 
-  def loss(params, batch):
-    logits = Decoder(config).apply({"params": params}, batch["inputs"])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    w = batch["loss_weights"]
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-
   @jax.jit
   def step(params, opt_state, batch):
-    value, grads = jax.value_and_grad(loss)(params, batch)
+    value, grads = jax.value_and_grad(losses.mean_loss)(params, batch, config)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value
 
@@ -63,7 +57,7 @@ def _train_step(config: ModelConfig, lr: float, warmup: int):
 
 
 def finetune(params, config: ModelConfig, examples: Sequence[primitives.Example], codec_=None,
-             steps: int = 100, batch_size: int = 16, lr: float = 1e-3, warmup: int = 10,
+             *, steps: int = 100, batch_size: int = 16, lr: float = 1e-3, warmup: int = 10,
              seed: int = 0):
   """The params after `steps` AdamW steps on `examples` (shuffled batches); and the losses."""
   codec_ = codec_ or fewshot.codec()
@@ -81,7 +75,7 @@ def finetune(params, config: ModelConfig, examples: Sequence[primitives.Example]
   return params, [float(x) for x in jax.device_get(losses)]
 
 
-def finetune_eval(params, config: ModelConfig, task, codec_=None, num_train: int = 64,
+def finetune_eval(params, config: ModelConfig, task, codec_=None, *, num_train: int = 64,
                   num_eval: int = 200, steps: int = 100, batch_size: int = 16, lr: float = 1e-3,
                   seeds: Sequence[int] = (0, 1, 2), eval_shots: int = 0) -> dict:
   """Accuracy on held-out queries after fine-tuning a copy of `params`, over `seeds`.
@@ -94,7 +88,8 @@ def finetune_eval(params, config: ModelConfig, task, codec_=None, num_train: int
   per_seed, final_losses = [], []
   for s in seeds:
     train = p.examples(num_train, _TRAIN_SEED_OFFSET + s)
-    tuned, losses = finetune(params, config, train, codec_, steps, batch_size, lr, seed=s)
+    tuned, losses = finetune(params, config, train, codec_, steps=steps, batch_size=batch_size,
+                             lr=lr, seed=s)
     queries = fewshot.build_queries([p], num_eval, eval_shots, seed=s)
     per_seed.append(fewshot.score(tuned, config, queries, codec_)[p.name])
     final_losses.append(losses[-1])

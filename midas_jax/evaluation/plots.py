@@ -7,24 +7,15 @@ line per run, so runs that reach the same validation loss compare at equal perpl
 
 from __future__ import annotations
 
-import json
-
 from etils import epath
+
+from midas_jax import metrics
 
 
 def history(run_dir) -> list[dict]:
   """The eval rows (`val_loss` plus `eval/...` accuracies) of a run, by step, last one wins."""
-  path = epath.Path(run_dir) / "metrics.jsonl"
-  rows = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:  # a line cut short by a kill
-        continue
-      if "val_loss" in row and any(k.startswith("eval/") for k in row):
-        rows[row["step"]] = row
-  return [rows[s] for s in sorted(rows)]
+  return metrics.read_rows(
+      run_dir, lambda row: "val_loss" in row and any(k.startswith("eval/") for k in row))
 
 
 def groups(rows: list[dict]) -> list[str]:

@@ -252,6 +252,15 @@ def get(name: str) -> Primitive:
   return PRIMITIVES[name]
 
 
+def group_chance(tasks) -> dict[str, float]:
+  """Mean chance level of each group over `tasks` (names or `Primitive`s), by group."""
+  out: dict[str, list[float]] = {}
+  for t in tasks:
+    p = get(t) if isinstance(t, str) else t
+    out.setdefault(p.group, []).append(p.chance)
+  return {g: sum(v) / len(v) for g, v in out.items()}
+
+
 def few_shot_prompt(shots: Sequence[Example], query: Example) -> str:
   """Solved `shots`, each followed by SEPARATOR, then the query's prompt."""
   return "".join(s.prompt + s.answer + SEPARATOR for s in shots) + query.prompt

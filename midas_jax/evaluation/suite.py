@@ -12,7 +12,7 @@ from typing import Sequence
 
 import gin
 
-from midas_jax.evaluation import fewshot
+from midas_jax.evaluation import fewshot, primitives
 
 DEFAULT_TASKS = ("induction", "var_assign_d0_math", "var_assign_d1_math", "math_add")
 
@@ -25,8 +25,7 @@ class PrimitiveEval:
                shots: int = 3, seed: int = 0, batch_size: int = 128):
     self.query_sets = fewshot.build_queries(list(tasks), num_queries, shots, seed)
     self.batch_size = batch_size
-    self.chance = {qs.task: qs.chance for qs in self.query_sets}
-    self.groups = {qs.task: qs.group for qs in self.query_sets}
+    self.tasks = list(tasks)
     self._codec = None
 
   def __call__(self, params, config, mesh=None, rules=None) -> dict:
@@ -38,7 +37,4 @@ class PrimitiveEval:
   @property
   def group_chance(self) -> dict:
     """Mean chance level of each group's tasks (the dashed line of the iso-perplexity plot)."""
-    out = {}
-    for task, g in self.groups.items():
-      out.setdefault(g, []).append(self.chance[task])
-    return {g: sum(v) / len(v) for g, v in out.items()}
+    return primitives.group_chance(self.tasks)

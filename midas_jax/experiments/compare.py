@@ -13,22 +13,59 @@ accuracy, fine-tuned accuracy and its block-similarity matrix; the report (`repo
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+  # Run as a program: hand over to the imported module `midas_jax.experiments.compare`, so
+  # that its gin names are registered once, under that module (the registry in `config`
+  # imports it too), and not a second time by this `__main__` copy of the file.
+  import sys
+  from midas_jax import host_memory
+  from midas_jax.experiments import compare as _program
+  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
+  sys.exit(_program.main())
+
 import json
 import logging
 import math
 import sys
+from typing import Sequence
 
+import gin
 import numpy as np
 from etils import epath
 
+from midas_jax import cli, growth, metrics
 from midas_jax import config as config_lib
-from midas_jax import growth, host_memory
 from midas_jax import train as train_lib
 from midas_jax.analysis import similarity
 from midas_jax.evaluation import fewshot, finetune, perplexity, plots, primitives
-from midas_jax.experiments import compare_settings
 
 log = logging.getLogger("midas_jax")
+
+METHODS = {"baseline": "schedules/baseline.gin", "gradstack": "schedules/gradstack_prop1.gin",
+           "midas": "schedules/midas_prop1.gin"}
+
+
+@gin.configurable(module="midas_jax.experiments")
+def compare_settings(*, output_dir: str = gin.REQUIRED,
+                     methods: Sequence[str] = tuple(METHODS), schedules: dict | None = None, seeds: Sequence[int] = (0,),
+                     eval_tasks: Sequence[str] = tuple(primitives.PRIMITIVES), shots: int = 5,
+                     num_queries: int = 200, finetune_tasks: Sequence[str] = ("math_add",),
+                     finetune_examples: int = 64, finetune_steps: int = 100,
+                     finetune_seeds: Sequence[int] = (0, 1, 2), val_batches: int = 20) -> dict:
+  """What `compare` runs and measures (bind in the experiment file or with --gin.X=V)."""
+  schedules = {**METHODS, **(schedules or {})}
+  unknown = [m for m in methods if m not in schedules]
+  if unknown:
+    raise ValueError(f"Unknown method(s) {unknown}; known: {sorted(schedules)} (add one with "
+                     "midas_jax.experiments.compare_settings.schedules={'name': 'file.gin'}).")
+  for task in (*eval_tasks, *finetune_tasks):
+    primitives.get(task)  # ValueError naming the known ones
+  return dict(output_dir=output_dir, methods=list(methods), schedules=schedules,
+              seeds=list(seeds), eval_tasks=list(eval_tasks), shots=shots,
+              num_queries=num_queries, finetune_tasks=list(finetune_tasks),
+              finetune_examples=finetune_examples, finetune_steps=finetune_steps,
+              finetune_seeds=list(finetune_seeds), val_batches=val_batches)
+
 
 def _parse(argv, method: str | None, settings: dict | None, seed: int | None):
   extra = []
@@ -42,26 +79,25 @@ def _parse(argv, method: str | None, settings: dict | None, seed: int | None):
   config_lib.parse(files + extra[:1] + rest + extra[1:])
 
 
-def _evaluate(summary, settings, model_cfg, codec_) -> dict:
-  """Validation loss, k-shot and fine-tuned accuracy, similarity of one finished run."""
-  params = summary["state"].params
-  depth = growth.tree_depth(params)
-  cfg = model_cfg.replace(num_layers=depth)
-  _, val_ds = config_lib.train_arg("datasets_fn")(seq_len=config_lib.train_arg("seq_len"))
-  out = perplexity.validation_loss(params, cfg, val_ds, config_lib.train_arg("batch_size"),
-                                   settings["val_batches"])
+def _evaluate(summary, settings, codec_) -> dict:
+  """Validation loss, k-shot and fine-tuned accuracy, similarity of one finished run (the
+  trainer's summary, whose `spec` says what the run trained)."""
+  params, spec = summary["state"].params, summary["spec"]
+  cfg = spec.model.replace(num_layers=growth.tree_depth(params))
+  _, val_ds = spec.datasets_fn(seq_len=spec.seq_len)
+  out = perplexity.validation_loss(params, cfg, val_ds, spec.batch_size, settings["val_batches"])
   queries = fewshot.build_queries(settings["eval_tasks"], settings["num_queries"],
                                   settings["shots"])
   out["few_shot"] = fewshot.score(params, cfg, queries, codec_)
   out["finetune"] = {
-      t: finetune.finetune_eval(params, cfg, t, codec_, settings["finetune_examples"],
-                                settings["num_queries"], settings["finetune_steps"],
-                                seeds=settings["finetune_seeds"])
+      t: finetune.finetune_eval(params, cfg, t, codec_, num_train=settings["finetune_examples"],
+                                num_eval=settings["num_queries"],
+                                steps=settings["finetune_steps"], seeds=settings["finetune_seeds"])
       for t in settings["finetune_tasks"]}
   out["similarity"] = {k: v.tolist() for k, v in similarity.block_similarity(
-      params, config_lib.train_arg("block_size")).items()}
+      params, spec.block_size).items()}
   w = summary["wall_time_s"]
-  out.update(flops=summary["flops"], wall_s=w["compile"] + w["growth"] + w["train"],
+  out.update(flops=summary["flops"], wall_s=train_lib.run_wall_s(w),
              train_s=w["train"], compile_s=w["compile"], growth_s=w["growth"],
              compile_work_s=summary["compile_work_s"],
              final_train_loss=summary["final_loss_avg10"], steps=summary["steps"],
@@ -207,18 +243,6 @@ def _loss_plots(histories: dict, out) -> list[str]:
   return paths
 
 
-def _metrics(run_dir) -> list[dict]:
-  rows = {}
-  for line in (epath.Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-    try:
-      r = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if "loss" in r:
-      rows[r["step"]] = r
-  return [rows[s] for s in sorted(rows)]
-
-
 def compare(argv: list[str]) -> dict:
   """Run every method x seed (resuming), evaluate, write the report; return the results."""
   _parse(argv, None, None, None)
@@ -231,11 +255,10 @@ def compare(argv: list[str]) -> dict:
       log.info("=== %s, seed %d ===", method, seed)
       _parse(argv, method, settings, seed)
       summary = train_lib.train()
-      model_cfg = config_lib.ModelConfig()
-      r = _evaluate(summary, settings, model_cfg, fewshot.codec())
+      r = _evaluate(summary, settings, fewshot.codec())
       results.setdefault(method, {})[seed] = r
       label = method if len(settings["seeds"]) == 1 else f"{method} seed {seed}"
-      histories[label] = _metrics(r["run_dir"])
+      histories[label] = metrics.read_rows(r["run_dir"], lambda row: "loss" in row)
       evals[label] = plots.history(r["run_dir"])
       if seed == settings["seeds"][0]:
         sims[method] = {k: np.asarray(v) for k, v in r["similarity"].items()}
@@ -247,21 +270,14 @@ def compare(argv: list[str]) -> dict:
   (out / "results.json").write_text(json.dumps(
       {"settings": settings, "summary": table, "runs": results}, indent=2, default=str))
   _loss_plots(histories, out)
-  chance = {g: float(np.mean([primitives.get(t).chance for t in settings["eval_tasks"]
-                              if primitives.get(t).group == g]))
-            for g in {primitives.get(t).group for t in settings["eval_tasks"]}}
-  plots.accuracy_vs_val_loss(evals, out / "accuracy_vs_val_loss.png", chance)
+  plots.accuracy_vs_val_loss(evals, out / "accuracy_vs_val_loss.png",
+                             primitives.group_chance(settings["eval_tasks"]))
   similarity.plot_side_by_side(sims, out / "similarity_all.png")
   log.info("Wrote %s", out / "report.md")
   return {"summary": table, "runs": results, "output_dir": str(out)}
 
 
 def main(argv=None) -> int:
-  return train_lib.run_cli(compare,
+  return cli.run_cli(compare,
                            lambda res: (epath.Path(res["output_dir"]) / "report.md").read_text(),
                            argv)
-
-
-if __name__ == "__main__":
-  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
-  sys.exit(main())
