@@ -106,6 +106,7 @@ def test_stage_rows_split_compile_waits_and_growth_per_stage():
   assert 0.5 < first["ideal"] < 1.0  # half the layers; the head does not shrink
 
 
+@pytest.mark.slow
 def test_step_and_depths_modes_with_gin_bindings_write_json(tmp_path, capsys):
   out = tmp_path / "b.json"
   bench.main(["--only=step", "--only=depths", "--model=tiny", *TINY, "--steps=2", f"--out={out}"])

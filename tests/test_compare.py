@@ -61,6 +61,7 @@ def test_unknown_method_is_a_clear_error():
     compare.compare_settings(output_dir="x", methods=["midas", "stacking"])
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_then_resume_without_retraining(tmp_path):
   out = tmp_path / "cmp"
   argv = ["--gin_file=experiments/compare_cpu.gin", "--gin.TRAIN_STEPS=8", "--gin.EVAL_EVERY=4",

@@ -138,6 +138,7 @@ def test_training_rows_weight_only_answer_and_separator():
   assert rows["loss_weights"][0].tolist()[:7] == [0, 0, 0, 0, 1, 1, 0]
 
 
+@pytest.mark.slow
 def test_training_reports_eval_accuracy_and_draws_the_iso_perplexity_plot(tmp_path):
   config_lib.parse([
       "--gin_file=models/tiny.gin", "--gin_file=schedules/midas_prop1.gin",
@@ -176,6 +177,7 @@ def test_iso_perplexity_plot_overlays_runs(tmp_path):
   assert plots.accuracy_vs_val_loss({"x": []}, tmp_path / "none.png") is None
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_a_checkpoint(tmp_path, capsys):
   run = tmp_path / "run"
   config_lib.parse([

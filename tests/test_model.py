@@ -375,5 +375,38 @@ def test_config_rejects_invalid_values(field, value):
     ("remat", "full"), ("remat", "minimal"), ("attention", "dot_product"),
     ("attention", "cudnn"), ("dtype", "bfloat16"),
 ])
-def test_config_accepts_valid_values(field, value):
-  assert getattr(CFG.replace(**{field: value}), field) == value
+def test_config_accepts_valid_values(params, tokens, field, value):
+  config = CFG.replace(**{field: value})
+  assert getattr(config, field) == value
+  # ...and the model does what the value says (traced, not compiled, except dot_product).
+  forward = lambda c: jax.make_jaxpr(  # noqa: E731
+      lambda p, t: model.Decoder(c).apply({"params": p}, t))(params, tokens).jaxpr
+  if field == "remat":  # the scanned layer is rematerialised under that checkpoint policy
+    want = {"full": jax.checkpoint_policies.nothing_saveable,
+            "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[value]
+    policies = [e.params["policy"] for e in _all_eqns(forward(config)) if "policy" in e.params]
+    assert policies == [want], policies
+    assert not [e for e in _all_eqns(forward(CFG)) if "policy" in e.params]  # none by default
+  elif field == "dtype":  # every matmul takes bfloat16 operands
+    dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in _all_eqns(forward(config))
+            if e.primitive.name == "dot_general"]
+    assert dots and all("bfloat16" in d for d in dots), dots
+  elif value == "dot_product":  # jax.nn.dot_product_attention: the same logits as "xla"
+    np.testing.assert_allclose(_apply(params, tokens, config), _apply(params, tokens),
+                               atol=1e-5, rtol=0)
+  elif value == "cudnn":  # asks jax.nn.dot_product_attention for the cuDNN kernel
+    if jax.default_backend() == "gpu":
+      pytest.skip("checks that 'cudnn' selects the cuDNN kernel by JAX refusing it off a GPU")
+    with pytest.raises(RuntimeError, match="cuDNN"):  # off a GPU JAX refuses the request
+      forward(config)
+
+
+def _all_eqns(jaxpr):
+  """Every equation of `jaxpr`, those inside scan/jit/remat bodies included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _all_eqns(sub)

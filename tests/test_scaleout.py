@@ -16,7 +16,8 @@ import pytest
 
 from midas_jax import checkpoint, config as config_lib, train as train_lib
 
-pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
+# Every test here runs the real trainer (several meshes, two processes, kills and resumes).
+pytestmark = [pytest.mark.usefixtures("fast_xla_compiles"), pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--gin_file=models/tiny.gin", "--gin_file=schedules/midas_prop1.gin",

@@ -204,7 +204,8 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "
 def _compile_growth(state, sh_d, k, strategy, mode):
   """`grow_state` jitted from the depth-d to the depth-(d+k) shardings, and those."""
   mesh = sh_d.step.mesh
-  grow = functools.partial(train.grow_state, k=k, strategy=strategy, mode=mode, tx=TX, model=CFG)
+  grow = functools.partial(train.grow_state, block_size=k, growth_strategy=strategy,
+                           opt_state_mode=mode, tx=TX, model=CFG)
   spec_d, rng = jax.eval_shape(lambda: state), jax.random.PRNGKey(1)
   sh_d1 = sharding.state_shardings(jax.eval_shape(grow, spec_d, rng), CFG, TX, mesh)
   with sharding.axis_rules_context(mesh):  # as the trainer compiles it

@@ -5,12 +5,15 @@ import json
 import gin
 import jax
 import numpy as np
+import optax
 import pytest
 
 from midas_jax import config as config_lib
+from midas_jax import growth
 from midas_jax import steps
 from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
+from midas_jax.model import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
 
@@ -56,6 +59,7 @@ def test_midas_run_grows_on_schedule_and_writes_everything(tmp_path):
   assert "Growth at step 15: depth 2 -> 4" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_lr_follows_global_step_across_growth(tmp_path):
   _parse(tmp_path, "--gin.midas_jax.train.lr_schedule.rewarmup_steps=4")
   summary = train_lib.train(datasets_fn=_synthetic)
@@ -69,6 +73,7 @@ def test_lr_follows_global_step_across_growth(tmp_path):
   assert got[13] == pytest.approx(want[13]) and got[13] < got[12]  # re-warmup restarts low
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["copy", "zero", "reset"])
 def test_each_depth_compiles_once_and_opt_modes_run(tmp_path, monkeypatch, mode):
   traced = []
@@ -83,15 +88,110 @@ def test_each_depth_compiles_once_and_opt_modes_run(tmp_path, monkeypatch, mode)
   assert summary["opt_state_mode"] == mode and np.isfinite(summary["final_loss"])
 
 
+def _grow(state, *, k, strategy, mode, tx, model):
+  return train_lib.grow_state(state, jax.random.PRNGKey(1), block_size=k,
+                              growth_strategy=strategy, opt_state_mode=mode, tx=tx, model=model)
+
+
+def _is_adam(node):
+  return isinstance(node, optax.ScaleByAdamState)
+
+
+def _adam(opt_state):
+  """The one `ScaleByAdamState` (count, mu, nu) inside the optimizer state."""
+  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_adam) if _is_adam(x)]
+  assert len(found) == 1, found
+  return found[0]
+
+
+# Depth 4 grown by one block of k=2: the old layer each new layer starts as, and the inserted
+# block (midas: a copy of block ceil(2/2) = 1 right after it; gradstack: of the top block, on top).
+GROWTH_4_TO_6 = {"midas": ([0, 1, 0, 1, 2, 3], [2, 3]), "gradstack": ([0, 1, 2, 3, 2, 3], [4, 5])}
+
+
+@pytest.mark.parametrize("strategy", sorted(GROWTH_4_TO_6))
+@pytest.mark.parametrize("mode", ["copy", "zero", "reset"])
+def test_grow_state_moves_params_and_adam_moments_by_mode(strategy, mode):
+  model = ModelConfig(vocab_size=64, d_model=32, num_heads=2, head_dim=16, mlp_dim=64,
+                      num_layers=4)
+  tx = train_lib.make_optimizer()
+  shapes = train_lib.init_state_shapes(model, tx)
+  rng = np.random.default_rng(0)
+  draw = lambda tree: jax.tree_util.tree_map(  # noqa: E731  distinct values in every layer
+      lambda x: rng.normal(size=x.shape).astype(x.dtype), tree)
+  params = draw(shapes.params)
+  adam = optax.ScaleByAdamState(count=np.int32(5), mu=draw(params),
+                                nu=jax.tree_util.tree_map(np.abs, draw(params)))
+  opt_state = jax.tree_util.tree_map(lambda n: adam if _is_adam(n) else n, tx.init(params),
+                                     is_leaf=_is_adam)
+  state = shapes.replace(step=np.int32(9), params=params, opt_state=opt_state)
+
+  grown = _grow(state, k=2, strategy=strategy, mode=mode, tx=tx, model=model)
+  sources, new = GROWTH_4_TO_6[strategy]
+  kept = [i for i in range(6) if i not in new]
+  assert int(grown.step) == 9  # the global step (and so the learning rate) goes on
+  assert growth.tree_depth(grown.params) == 6
+
+  def check_layers(got, old, new_value=None):
+    """`got` (depth 6) holds old[sources], or `new_value` in the new block if given."""
+    got_leaves = jax.tree_util.tree_flatten_with_path(got["layers"])[0]
+    for (path, g), o in zip(got_leaves, jax.tree_util.tree_leaves(old["layers"])):
+      want = np.asarray(o)[sources]
+      if new_value is not None:
+        want[new] = new_value
+      np.testing.assert_array_equal(np.asarray(g), want, err_msg=jax.tree_util.keystr(path))
+    assert set(got) == set(old)
+    for key in set(got) - {"layers"}:  # embeddings, final norm: untouched
+      jax.tree_util.tree_map(np.testing.assert_array_equal, got[key], old[key])
+
+  check_layers(grown.params, params)  # the params grow the same way in every mode
+  g = _adam(grown.opt_state)
+  if mode == "copy":  # moments follow their parameters: new layers get their sources' moments
+    check_layers(g.mu, adam.mu)
+    check_layers(g.nu, adam.nu)
+    assert int(g.count) == 5
+  elif mode == "zero":  # the inserted layers start with zero moments, the others keep theirs
+    check_layers(g.mu, adam.mu, new_value=0.0)
+    check_layers(g.nu, adam.nu, new_value=0.0)
+    assert int(g.count) == 5
+    for leaf in jax.tree_util.tree_leaves((g.mu["layers"], g.nu["layers"])):
+      assert not np.asarray(leaf)[new].any() and np.asarray(leaf)[kept].all()
+  else:  # reset: the whole optimizer state is re-initialised for the grown params
+    fresh = tx.init(grown.params)
+    assert jax.tree_util.tree_structure(grown.opt_state) == jax.tree_util.tree_structure(fresh)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, grown.opt_state, fresh)
+    assert int(g.count) == 0
+    assert not any(np.asarray(x).any() for x in jax.tree_util.tree_leaves((g.mu, g.nu)))
+  if mode != "reset":  # the optimizer's settings (injected hyperparameters) are kept
+    jax.tree_util.tree_map(np.testing.assert_array_equal, grown.opt_state.hyperparams,
+                           opt_state.hyperparams)
+
+
+@pytest.mark.slow
 def test_gradstack_and_baseline(tmp_path):
-  _parse(tmp_path, "--gin.midas_jax.train.train.checkpoints=False", schedule="gradstack_prop1")
-  assert train_lib.train(datasets_fn=_synthetic)["growth_strategy"] == "gradstack"
+  # Learning rate 0 leaves every parameter as it is, so the final params are the initial ones
+  # grown 2 -> 3 (k=1) and show exactly where each layer came from: GradStack copies the top
+  # layer on top, [0, 1, 1] (MIDAS would give [0, 0, 1], `random` a fresh layer).
+  _parse(tmp_path, "--gin.midas_jax.train.train.checkpoints=False", "--gin.NUM_LAYERS=3",
+         "--gin.BLOCK_SIZE=1", "--gin.STAGES=[(2, 6), (3, 6)]",
+         "--gin.midas_jax.train.lr_schedule.peak_lr=0.0", schedule="gradstack_prop1")
+  s = train_lib.train(datasets_fn=_synthetic)
+  assert s["growth_strategy"] == "gradstack"
+  assert [(e["from_depth"], e["to_depth"]) for e in s["growth_events"]] == [(2, 3)]
+  distinct = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(s["state"].params["layers"])[0]:
+    leaf, name = np.asarray(leaf), jax.tree_util.keystr(path)
+    assert leaf.shape[0] == 3, name
+    np.testing.assert_array_equal(leaf[2], leaf[1], err_msg=name)  # the copy of the top layer
+    distinct += not np.array_equal(leaf[0], leaf[1])  # kernels differ (norm scales init to 1)
+  assert distinct >= 7  # q, k, v, o, gate, up, down: layer 1 is not a copy of layer 0
   _parse(tmp_path, schedule="baseline")
   s = train_lib.train(datasets_fn=_synthetic)
   assert len(s["stages"]) == 1 and s["growth_events"] == [] and s["speedup_flops"] == 1.0
   assert s["run_dir"].endswith("run-2")  # the earlier run (no checkpoints) is kept, not resumed
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step(tmp_path):
   def poisoned(seq_len):
     train, val = _synthetic(seq_len)
@@ -110,6 +210,7 @@ def test_nan_loss_stops_with_step(tmp_path):
   assert len([m for m in _metrics(tmp_path / "run") if "loss" in m]) == 6  # kept what was logged
 
 
+@pytest.mark.slow
 def test_builtin_corpus_end_to_end(tmp_path):
   _parse(tmp_path, "--gin.TRAIN_STEPS=20", "--gin.midas_jax.model.ModelConfig.vocab_size=384")
   summary = train_lib.train()
@@ -148,25 +249,106 @@ def test_bare_word_values_become_strings():
   assert bindings == ["MODEL_DIR = 'runs/x'", "X = 3", "S = [(1, 2)]", "Q = 'q'", "Y = 4"]
 
 
+def _recording_datasets(seen):
+  """The gin-configured datasets (what train() builds itself), recording in `seen["batches"]`
+  every training batch the trainer reads and in `seen["train"]` the training stream."""
+  make = gin.query_parameter("midas_jax.train.train.datasets_fn").configurable.wrapper
+
+  def datasets_fn(seq_len):
+    train, val = make(seq_len=seq_len)
+    real = train.batches
+
+    def batches(*args, **kwargs):
+      for b in real(*args, **kwargs):
+        seen.setdefault("batches", []).append(b)
+        yield b
+    train.batches = batches
+    seen["train"] = train
+    return train, val
+  return datasets_fn
+
+
+def _segments(b, r):
+  """Position indices of each packed segment of row `r`."""
+  seg = b["segment_ids"][r]
+  return [np.flatnonzero(seg == s) for s in range(1, seg.max() + 1)]
+
+
+def _byte_text(tokens) -> bytes:
+  """ByteVocabulary ids (byte + 3) as bytes, EOS (1) as NUL; fails on any other id."""
+  tokens = np.asarray(tokens)
+  assert ((tokens == 1) | ((tokens >= 3) & (tokens < 259))).all(), tokens
+  return bytes(int(t) - 3 if t != 1 else 0 for t in tokens)
+
+
+@pytest.mark.slow
 def test_user_text_files_by_gin(tmp_path):
-  for i in range(4):
-    (tmp_path / f"doc{i}.txt").write_text(f"Document {i}. The quick brown fox jumps.\n" * 60)
+  docs = [f"Document {i}. The quick brown fox jumps.\n" * 60 for i in range(4)]
+  for i, text in enumerate(docs):
+    (tmp_path / f"doc{i}.txt").write_text(text)
   _parse(tmp_path, "--gin.TRAIN_STEPS=4", "--gin.midas_jax.model.ModelConfig.vocab_size=384",
          "--gin.MIXTURE_OR_TASK_NAME=@midas_jax.data.text_files_task()",
          "--gin.midas_jax.data.text_files_task.name='test_train_user_files'",
          f"--gin.midas_jax.data.text_files_task.files='{tmp_path}/*.txt'",
          "--gin.midas_jax.data.text_files_task.unit='file'")
-  summary = train_lib.train()
-  assert "'task': 'test_train_user_files'" in (tmp_path / "run" / "train.log").read_text()
+  seen = {}
+  summary = train_lib.train(datasets_fn=_recording_datasets(seen))
+  assert seen["train"].name == "test_train_user_files"
+  assert len(seen["batches"]) >= 4  # TRAIN_STEPS: every step trained on a batch of the files
+  documents = [t.encode() + b"\0" for t in docs]  # each ends in EOS
+  pieces = []
+  for b in seen["batches"][:4]:
+    assert b["targets"].shape == b["loss_weights"].shape == (4, 16)  # BATCH_SIZE x SEQ_LEN
+    for r in range(4):
+      for idx in _segments(b, r):
+        piece = _byte_text(b["targets"][r, idx])
+        assert any(piece in d for d in documents), piece  # a contiguous piece of a file
+        assert (b["loss_weights"][r, idx] == 1).all()
+        pieces.append(piece)
+  assert sum(map(len, pieces)) >= 0.9 * 4 * 4 * 16  # the rows are full of the files' text
   assert np.isfinite(summary["final_loss"])
 
 
+@pytest.mark.slow
 def test_ul2_objective_end_to_end(tmp_path):
+  from midas_jax import objectives  # pylint: disable=import-outside-toplevel
+  from midas_jax.data import builtin_documents  # pylint: disable=import-outside-toplevel
   _parse(tmp_path, "--gin.TRAIN_STEPS=6", "--gin.SEQ_LEN=64",
          "--gin.midas_jax.model.ModelConfig.vocab_size=384", "--gin_file=objectives/ul2.gin")
-  summary = train_lib.train()
-  assert "'objective': 'ul2'" in (tmp_path / "run" / "train.log").read_text()
+  seen = {}
+  summary = train_lib.train(datasets_fn=_recording_datasets(seen))
   assert np.isfinite(summary["final_loss"]) and np.isfinite(summary["final_val_loss"])
+  info = objectives.VocabInfo.from_vocabulary(seen["train"].vocab)
+  modes = {v: k for k, v in info.mode_ids.items()}  # [NLU] [NLG] [S2S]: the lowest extra ids
+  first_sentinel = info.first_extra_id + len(objectives.MODES)
+  corpus = b"".join(text.encode() + b"\0" for _, text in builtin_documents())
+  seen_modes, span_examples = set(), 0
+  assert len(seen["batches"]) >= 6
+  for b in seen["batches"][:6]:
+    assert all(b[k].shape == (4, 64) for k in ("inputs", "targets", "prefix_mask", "loss_weights"))
+    for r in range(4):
+      for idx in _segments(b, r):
+        tokens, weights = b["targets"][r, idx], b["loss_weights"][r, idx]
+        n_in = int(b["prefix_mask"][r, idx].sum()) - 1  # the prefix is the inputs (+1 position)
+        inputs, targets = tokens[:n_in], tokens[n_in:]
+        np.testing.assert_array_equal(weights, np.arange(len(idx)) >= n_in)  # loss on targets
+        mode = modes[int(inputs[0])]  # every example starts with its denoiser's mode token
+        seen_modes.add(mode)
+        sentinels_in = inputs[inputs >= first_sentinel]
+        sentinels_tg = targets[targets >= first_sentinel]
+        if mode == "[S2S]":  # prefix LM: no sentinels, no EOS added
+          assert not sentinels_in.size and not sentinels_tg.size
+        else:  # span corruption: sentinels <s0> <s1> ... (ids from the top down), EOS-terminated
+          n = sentinels_in.size
+          np.testing.assert_array_equal(sentinels_in, info.sentinel_ids[:n])
+          np.testing.assert_array_equal(sentinels_tg, info.sentinel_ids[:n])
+          assert inputs[-1] == info.eos_id and targets[-1] == info.eos_id
+          if n:
+            assert targets[0] == info.sentinel_ids[0]  # predicted (weight 1): the first span
+            span_examples += 1
+        chunk = objectives.reconstruct({"inputs": inputs, "targets": targets}, info)
+        assert _byte_text(chunk) in corpus  # undoing the corruption gives back real text
+  assert span_examples > 0 and len(seen_modes) >= 2
 
 
 def test_vocabulary_larger_than_model_is_a_clear_error(tmp_path):
