@@ -60,7 +60,8 @@ Example (docs/tpu.md has the whole walk-through):
   $PROG create --accelerator-type v4-32 --spot
   $PROG setup
   $PROG run --run-name 1b-prop1 --bucket gs://my-bucket \\
-    --gin-file gin/experiments/decoder_1b_midas_prop1.gin --gin.midas_jax.sharding.make_mesh.fsdp=-1 \\
+    --gin-file gin/experiments/decoder_1b.gin --gin-file gin/schedules/midas_prop1.gin \\
+    --gin.midas_jax.sharding.make_mesh.fsdp=-1 \\
     --gin.SPM_MODEL="'gs://my-bucket/spm32k.model'" \\
     --gin.midas_jax.data.tfds_task.data_dir="'gs://my-bucket/tensorflow_datasets'"
   $PROG logs --run-name 1b-prop1
@@ -226,7 +227,7 @@ cmd_run() {
   done
   require RUN_NAME --run-name my-run
   valid_run_name
-  ((${#files[@]})) || die "no gin file: pass --gin-file gin/experiments/NAME.gin (repeatable)" 2
+  ((${#files[@]})) || die "no gin file: pass --gin-file gin/experiments/NAME.gin --gin-file gin/schedules/NAME.gin" 2
   if [[ -z ${MODEL_DIR:-} ]]; then
     [[ -n ${BUCKET:-} ]] || die "MODEL_DIR is not set: pass --model-dir gs://BUCKET/runs/$RUN_NAME or --bucket gs://BUCKET (or export MODEL_DIR or BUCKET)" 2
     MODEL_DIR=${BUCKET%/}/runs/$RUN_NAME

@@ -1,7 +1,7 @@
 """Stage schedules: how many steps to train at each depth.
 
-A schedule is a tuple of `Stage(depth, steps)`. Prop-alpha (MIDAS.md section 2) gives stage `i`
-(1-indexed, depth `i * block_size`) a share of the steps proportional to `i ** alpha`.
+A schedule is a tuple of `Stage(depth, steps)`. Prop-alpha (docs/method.md, section 2) gives
+stage `i` (1-indexed, depth `i * block_size`) a share of the steps proportional to `i ** alpha`.
 """
 
 from __future__ import annotations

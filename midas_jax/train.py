@@ -78,6 +78,10 @@ def train(*, model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
     `RunSpec` this run trained: model, data, sizes), which are not written.
   """
   t_start = time.perf_counter()
+  unset = [k for k, v in locals().items() if v is gin.REQUIRED]
+  if unset:  # a macro bound to %gin.REQUIRED (e.g. MODEL_DIR in runs/pretrain.gin) reaches here
+    raise ValueError(f"Not set: {', '.join(unset)} of midas_jax.train.train; bind the macro on "
+                     "the command line, e.g. --gin.MODEL_DIR=runs/NAME (one directory per run).")
   sharding.initialize_distributed()  # before anything touches a device; a no-op unless enabled
   spec = _validated(RunSpec(
       model_dir=model_dir, model=model, stages=stages, block_size=block_size,

@@ -1,7 +1,9 @@
 """bench.py (datasheet peaks, the per-depth step table, per-stage rows, --gin passthrough) and the
-experiment files' schedules against MIDAS.md section 2 (no seqio/TF needed)."""
+experiment files' schedules against the Prop-alpha speed-ups and the paper's figures
+(docs/method.md, sections 2 and 3; no seqio/TF needed)."""
 
 import json
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import gin
@@ -13,13 +15,24 @@ from midas_jax import config as config_lib
 from midas_jax import schedule as sched
 from midas_jax.model import init_params, num_params
 
-# MIDAS.md section 2, speedup(n, alpha) for the stage counts the experiment files use.
+import experiment_files  # tests/experiment_files.py
+
+# speedup(n, alpha) = n * sum_i i^alpha / sum_i i^(alpha+1) for the stage counts the experiment
+# files use (docs/method.md, section 2).
 SPEEDUP_TABLE = {6: (1.714, 1.385, 1.238, 1.163), 8: (1.778, 1.412, 1.259, 1.182)}
-EXPERIMENTS = sorted(str(p.relative_to(config_lib.GIN_DIR))
-                     for p in config_lib.GIN_DIR.glob("experiments/*.gin"))
-# Paper-shaped runs: (stages, parameter range); MIDAS.md section 3's rows.
+# (experiment, schedule) pairs whose schedule grows in Prop-alpha stages (not the baseline's one
+# stage), the ones with a Prop-alpha speed-up to check.
+PROP_CASES = [c for c in experiment_files.cases() if "_prop" in c.values[1]]
+# Paper-shaped runs: (stages, parameter range), the 1B, 2B and 8B models of the paper's headline
+# table (docs/method.md, section 3).
 PAPER = {"decoder_1b": (6, 1.2e9, 1.5e9), "decoder_2b": (6, 1.9e9, 2.2e9),
          "decoder_8b": (8, 7.5e9, 8.5e9)}
+# The speed-up the paper's headline table gives for each (model, MIDAS schedule) it reports.
+PAPER_SPEEDUP = {("decoder_1b", "midas_prop1"): 1.39, ("decoder_1b", "midas_prop2"): 1.24,
+                 ("decoder_1b", "midas_prop3"): 1.16, ("decoder_2b", "midas_prop1"): 1.39,
+                 ("decoder_2b", "midas_prop2"): 1.24, ("decoder_8b", "midas_prop2"): 1.26}
+ACCELERATOR_CASES = [c for c in experiment_files.cases()
+                     if c.values[0].split("/")[1].startswith(("decoder_", "gpu_150m"))]
 MC = "--gin.midas_jax.model.ModelConfig"
 TINY = ["--gin.NUM_LAYERS=2", f"{MC}.d_model=32", f"{MC}.num_heads=2", f"{MC}.head_dim=16",
         f"{MC}.mlp_dim=64", "--batch=2", "--seq=16"]
@@ -52,23 +65,33 @@ def test_default_block_is_six_stages_else_eight(layers, block):
   assert bench.default_block(layers) == block
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS)
-def test_experiment_schedule_speedup_matches_midas_table(path):
-  config_lib.parse([f"--gin_file={path}"])
+@pytest.mark.parametrize("path, schedule, files", PROP_CASES)
+def test_experiment_schedule_speedup_matches_midas_table(path, schedule, files):
+  experiment_files.parse(files)
   stages = config_lib.make_schedule()
-  if (len(stages) == 1 or _value("midas_jax.schedule.make_schedule.stages") is not None
-      or _value("midas_jax.schedule.make_schedule.kind", "prop") != "prop"):
-    return  # baseline or explicit stages: no Prop-alpha figure to check
-  n, alpha = len(stages), int(_value("midas_jax.schedule.make_schedule.alpha", 1))
+  assert _value("midas_jax.schedule.make_schedule.kind") == "prop"
+  assert _value("midas_jax.schedule.make_schedule.stages") is None  # no explicit stages
+  n, alpha = len(stages), int(_value("midas_jax.schedule.make_schedule.alpha"))
+  assert schedule.endswith(f"_prop{alpha}") and n > 1
   # Integer steps move each stage by at most one step from its real-valued share.
   tol = 5e-4 + 1.5 * sum(s.depth for s in stages) / sum(s.depth * s.steps for s in stages)
   assert sched.schedule_speedup(stages) == pytest.approx(SPEEDUP_TABLE[n][alpha], abs=tol)
 
 
-@pytest.mark.parametrize("path", [p for p in EXPERIMENTS if p.split("/")[1].startswith(
-    ("decoder_", "gpu_150m_"))])
-def test_accelerator_experiments_are_ul2_on_c4_with_32k_sentencepiece(path):
-  config_lib.parse([f"--gin_file={path}"])
+@pytest.mark.parametrize("model, schedule", sorted(PAPER_SPEEDUP))
+def test_experiment_schedule_speedup_matches_the_papers_figure(model, schedule):
+  path = f"experiments/{model}.gin"
+  assert schedule in experiment_files.listed_schedules(path)
+  experiment_files.parse([path, f"schedules/{schedule}.gin"])
+  speedup = sched.schedule_speedup(config_lib.make_schedule())
+  # The paper prints two decimals of the three-decimal figure, rounded half up (1.385 -> 1.39).
+  two = Decimal(f"{speedup:.3f}").quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+  assert two == Decimal(str(PAPER_SPEEDUP[model, schedule]))
+
+
+@pytest.mark.parametrize("path, schedule, files", ACCELERATOR_CASES)
+def test_accelerator_experiments_are_ul2_on_c4_with_32k_sentencepiece(path, schedule, files):
+  experiment_files.parse(files)
   model = config_lib.ModelConfig()
   assert _value("%OBJECTIVE").selector == "midas_jax.objectives.UL2"
   assert _value("%MIXTURE_OR_TASK_NAME").selector == "midas_jax.data.tfds_task"
@@ -76,18 +99,18 @@ def test_accelerator_experiments_are_ul2_on_c4_with_32k_sentencepiece(path):
   assert "required" in _value("midas_jax.data.vocabulary.sentencepiece_model")
   assert model.vocab_size >= 32000 + 100 and model.dtype == "bfloat16"
   assert _value("%PRIMITIVE_EVAL") is not None and _value("%EVAL_EVERY") > 0
-  name = next((k for k in PAPER if Path(path).stem.startswith(k + "_")), None)
+  name = Path(path).stem if Path(path).stem in PAPER else None
   stages = config_lib.make_schedule()
   if name is not None:
     n, lo, hi = PAPER[name]
     assert _value("%BLOCK_SIZE") == 4 and model.num_layers == 4 * n
     assert gin.query_parameter("midas_jax.sharding.make_mesh.fsdp") == -1
-    assert len(stages) in (1, n)
+    assert len(stages) == (1 if schedule == "baseline" else n)
     shapes = jax.eval_shape(lambda: init_params(model.replace(attention="xla"),
                                                 jax.random.PRNGKey(0)))
     assert lo < num_params(shapes) < hi
   else:
-    assert model.attention == "cudnn" and len(stages) in (1, 6)
+    assert model.attention == "cudnn" and len(stages) == (1 if schedule == "baseline" else 6)
 
 
 def test_stage_rows_split_compile_waits_and_growth_per_stage():

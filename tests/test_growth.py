@@ -1,4 +1,4 @@
-"""Depth-growth operators on params and optimizer states (MIDAS.md section 1)."""
+"""Depth-growth operators on params and optimizer states (docs/method.md, section 1)."""
 
 import copy
 import functools
@@ -34,7 +34,8 @@ def _grow_jit(params, rng, k, strategy):
 
 
 def _expected_sources(depth, k, strategy):
-  """Independent reading of MIDAS.md: blocks B_1..B_n; midas puts copy(B_m) after B_m."""
+  """Independent reading of docs/method.md, section 1: blocks B_1..B_n; midas puts copy(B_m)
+  after B_m."""
   n = depth // k
   blocks = [list(range(b * k, (b + 1) * k)) for b in range(n)]
   if strategy == "midas":
@@ -117,7 +118,8 @@ def _assert_layers_follow(grown, old, sources):
 
 
 def test_expected_sources_hand_examples():
-  # Hand-written from MIDAS.md so the reference implementation is itself checked.
+  # Hand-written from docs/method.md, section 1, so the reference implementation is itself
+  # checked.
   assert _expected_sources(1, 1, "midas") == [0, 0]
   assert _expected_sources(2, 1, "midas") == [0, 0, 1]
   assert _expected_sources(3, 1, "midas") == [0, 1, 1, 2]

@@ -36,7 +36,9 @@ MODEL_DIR_OVERRIDE = "--gin.MODEL_DIR='gs://b/r'"
 MESH = "--gin.midas_jax.sharding.make_mesh.fsdp=-1"
 NASTY = """--gin_bindings=x = "it's $HOME `id` \\n; & | ! * ~" """
 DIST = "--gin.midas_jax.sharding.initialize_distributed.enabled=True"
-EXPERIMENT = "gin/experiments/decoder_1b_midas_prop1.gin"
+# An experiment file and the schedule file that goes after it (the experiment leaves it open).
+EXPERIMENT = "gin/experiments/decoder_1b.gin"
+SCHEDULE = "gin/schedules/midas_prop1.gin"
 
 
 @pytest.fixture(scope="module")
@@ -198,13 +200,13 @@ def test_setup_from_repo(no_gcloud_path):
 
 def test_run_keeps_gin_overrides_byte_for_byte(no_gcloud_path):
   (argv,) = dry("run", "--run-name", "1b-prop1", "--bucket", "gs://my-bucket/",
-                "--gin-file", EXPERIMENT, "--gin_file=extra.gin", MESH, STAGES,
+                "--gin-file", EXPERIMENT, f"--gin_file={SCHEDULE}", MESH, STAGES,
                 "--gin", "MODEL_DIR='gs://b/r'", "--", NASTY, "--dry-run", path=no_gcloud_path)
   assert argv[:-1] == [*SSH, "--worker=all"]
   script = payload(argv)
   assert trainer_argv(script) == [
       ".venv/bin/python", "-u", "-m", "midas_jax.train", f"--gin_file={EXPERIMENT}",
-      "--gin_file=extra.gin", "--gin.MODEL_DIR='gs://my-bucket/runs/1b-prop1'", DIST, MESH,
+      f"--gin_file={SCHEDULE}", "--gin.MODEL_DIR='gs://my-bucket/runs/1b-prop1'", DIST, MESH,
       STAGES, MODEL_DIR_OVERRIDE, NASTY, "--dry-run"]
   (nohup,) = [c for c in simple_commands(script) if c[0] == "nohup"]
   assert nohup[-7:] == [">>", "logs/1b-prop1.log", "2", ">&", "1", "<", "/dev/null"]
@@ -272,7 +274,7 @@ def test_runs_exactly_what_dry_run_prints(no_gcloud_path, fake_gcloud, tmp_path,
   assert echoed == printed
   if args == ["setup"]:  # the tarball really holds the package
     with tarfile.open(tmp_path / "midas_jax-midas-tpu.tar.gz") as tar:
-      assert {"setup.py", "midas_jax/train.py", EXPERIMENT} <= set(tar.getnames())
+      assert {"setup.py", "midas_jax/train.py", SCHEDULE} <= set(tar.getnames())
 
 
 def test_dry_run_after_double_dash_goes_to_the_trainer(fake_gcloud):
@@ -365,7 +367,8 @@ def test_remote_run_logs_stop_payloads(no_gcloud_path, tmp_path):
     return subprocess.run([BASH, "-c", payload(argv)], cwd=home, env=env, capture_output=True,
                           text=True, timeout=20)
 
-  run = ["run", "--run-name", "r1", "--bucket", "gs://b", "--gin-file", EXPERIMENT, MESH, STAGES,
+  run = ["run", "--run-name", "r1", "--bucket", "gs://b", "--gin-file", EXPERIMENT,
+         "--gin-file", SCHEDULE, MESH, STAGES,
          "--gin", "MODEL_DIR='gs://b/r'", "--", NASTY]
   pid_file = home / "my code" / "logs" / "r1.pid"
   try:
@@ -375,7 +378,7 @@ def test_remote_run_logs_stop_payloads(no_gcloud_path, tmp_path):
     _Reaper.reap_later(int(pid_file.read_text()))
     assert _wait_for((home / "argv").exists)
     assert (home / "argv").read_text().split("\0")[:-1] == [
-        "-u", "-m", "midas_jax.train", f"--gin_file={EXPERIMENT}",
+        "-u", "-m", "midas_jax.train", f"--gin_file={EXPERIMENT}", f"--gin_file={SCHEDULE}",
         "--gin.MODEL_DIR='gs://b/runs/r1'", DIST, MESH, STAGES, MODEL_DIR_OVERRIDE, NASTY]
     pid = int(pid_file.read_text())
     assert _alive(pid)

@@ -1,4 +1,5 @@
-"""Stage schedules: Prop-alpha step counts, FLOPs speed-ups and validation (MIDAS.md section 2)."""
+"""Stage schedules: Prop-alpha step counts, FLOPs speed-ups and validation (docs/method.md,
+section 2)."""
 
 import itertools
 
@@ -8,7 +9,7 @@ import pytest
 from midas_jax import schedule as sched
 from midas_jax.schedule import Stage
 
-# MIDAS.md section 2: speedup(n, alpha) for n = 4, 6, 8 and alpha = 0..3.
+# docs/method.md, section 2: speedup(n, alpha) for n = 4, 6, 8 and alpha = 0..3.
 SPEEDUP_TABLE = {
     4: (1.600, 1.333, 1.200, 1.130),
     6: (1.714, 1.385, 1.238, 1.163),

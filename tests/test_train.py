@@ -15,6 +15,8 @@ from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
 from midas_jax.model import ModelConfig
 
+import experiment_files  # tests/experiment_files.py
+
 pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
 
 TINY = ["--gin.midas_jax.model.ModelConfig.d_model=32", "--gin.midas_jax.model.ModelConfig.num_heads=2",
@@ -357,14 +359,33 @@ def test_vocabulary_larger_than_model_is_a_clear_error(tmp_path):
     train_lib.train()
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(config_lib.GIN_DIR))
-                                        for p in config_lib.GIN_DIR.glob("experiments/*.gin")))
-def test_every_experiment_file_builds_its_model_and_schedule(path):
-  config_lib.parse([f"--gin_file={path}"])
+@pytest.mark.parametrize("path, schedule, files", experiment_files.cases())
+def test_every_experiment_file_builds_its_model_and_schedule(path, schedule, files):
+  experiment_files.parse(files)
   model = config_lib.ModelConfig()
   stages = config_lib.make_schedule()
+  block = gin.query_parameter("%BLOCK_SIZE")
   assert stages[-1].depth == model.num_layers
-  assert all(s.depth % gin.query_parameter("%BLOCK_SIZE") == 0 for s in stages)
+  assert all(s.depth % block == 0 for s in stages)
+  assert len(stages) == (1 if schedule == "baseline" else model.num_layers // block)
+  assert gin.query_parameter("%GROWTH_STRATEGY") in growth.STRATEGIES
+
+
+@pytest.mark.parametrize("path", experiment_files.experiment_files())
+def test_experiment_file_names_its_schedules_and_leaves_model_dir_required(path):
+  listed, included = (experiment_files.listed_schedules(path),
+                      experiment_files.included_schedules(path))
+  assert bool(listed) != bool(included), "list the schedules it is meant for, or include one"
+  experiment_files.parse([path])
+  if included:  # the quickstart: one self-contained run with its own schedule and directory
+    assert gin.query_parameter("%GROWTH_STRATEGY") in growth.STRATEGIES
+    assert isinstance(gin.query_parameter("%MODEL_DIR"), str)
+    return
+  assert gin.query_parameter("%MODEL_DIR").scoped_configurable_fn() is gin.REQUIRED
+  # Forgetting the schedule file stops the run at its first check, saying what to add.
+  with pytest.raises(ValueError, match="add a schedule file after the experiment file"):
+    growth.growth_plan(gin.query_parameter("%BLOCK_SIZE"), gin.query_parameter("%BLOCK_SIZE"),
+                       gin.query_parameter("%GROWTH_STRATEGY"))
 
 
 def test_output_dirs_named_like_gin_dirs_do_not_break_includes(tmp_path, monkeypatch):
