@@ -274,7 +274,7 @@ def test_runs_exactly_what_dry_run_prints(no_gcloud_path, fake_gcloud, tmp_path,
   assert echoed == printed
   if args == ["setup"]:  # the tarball really holds the package
     with tarfile.open(tmp_path / "midas_jax-midas-tpu.tar.gz") as tar:
-      assert {"setup.py", "midas_jax/train.py", SCHEDULE} <= set(tar.getnames())
+      assert {"setup.py", "midas_jax/train.py", EXPERIMENT, SCHEDULE} <= set(tar.getnames())
 
 
 def test_dry_run_after_double_dash_goes_to_the_trainer(fake_gcloud):
