@@ -3,6 +3,7 @@ line (exit 2 for usage, 1 for a bad run) instead of a traceback."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any, Callable
@@ -51,3 +52,15 @@ def run_cli(run: Callable[[list], Any], report: Callable[[Any], str], argv=None)
     return 1
   print(report(result))
   return 0
+
+
+def run_module(name: str) -> None:
+  """`python -m NAME`: exit with the `main()` of the imported module `NAME`.
+
+  A program module that defines gin configurables calls this from an `if __name__ ==
+  "__main__":` block at its top, so that its gin names are registered once, by the imported
+  module (the registry in `config` imports it too), and never by the `__main__` copy.
+  """
+  from midas_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
+  sys.exit(importlib.import_module(name).main())

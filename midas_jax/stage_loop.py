@@ -328,7 +328,7 @@ class StageLoop:
     their own)."""
     if schedule_lib.is_due(self.step, self.spec.checkpoint_every) and self.step != end:
       self.save(si, "periodic")
-    if schedule_lib.is_due(self.step, self.spec.eval_every) and self.step != self.spec.total_steps:
+    if schedule_lib.is_due(self.step, self.spec.eval_every) and self.step != self.ends[-1]:
       self.evaluate(ex)
 
   def _record(self, si: int, pending, fpt: float, t_prev: float) -> float:

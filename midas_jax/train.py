@@ -10,15 +10,9 @@ functions live in `midas_jax.steps`; the per-depth compiled executables in
 
 from __future__ import annotations
 
-if __name__ == "__main__":
-  # Run as a program: hand over to the imported module `midas_jax.train`, so that its gin names
-  # are registered once, under that module (the registry in `config` imports it too), and not
-  # a second time by this `__main__` copy of the file.
-  import sys
-  from midas_jax import host_memory
-  from midas_jax import train as _program
-  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
-  sys.exit(_program.main())
+if __name__ == "__main__":  # registers this module's gin names once, as `midas_jax.train`
+  from midas_jax import cli
+  cli.run_module("midas_jax.train")
 
 import dataclasses
 import json

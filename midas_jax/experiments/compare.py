@@ -13,15 +13,9 @@ accuracy, fine-tuned accuracy and its block-similarity matrix; the report (`repo
 
 from __future__ import annotations
 
-if __name__ == "__main__":
-  # Run as a program: hand over to the imported module `midas_jax.experiments.compare`, so
-  # that its gin names are registered once, under that module (the registry in `config`
-  # imports it too), and not a second time by this `__main__` copy of the file.
-  import sys
-  from midas_jax import host_memory
-  from midas_jax.experiments import compare as _program
-  host_memory.keep_freed_memory()  # a process-wide malloc setting: programs only, not main()
-  sys.exit(_program.main())
+if __name__ == "__main__":  # registers this module's gin names once, as `midas_jax.experiments.compare`
+  from midas_jax import cli
+  cli.run_module("midas_jax.experiments.compare")
 
 import json
 import logging
