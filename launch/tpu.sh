@@ -21,6 +21,15 @@ Subcommands:
               --spot | --best-effort    preemptible capacity (--best-effort uses gcloud alpha)
               --reserved                use the project's reserved capacity
               -- FLAGS                  more gcloud flags, e.g. -- --valid-until-duration=6h
+              --gin-file FILE, --gin X=V  the run it is for: run the AOT check (as `check`)
+                                        first and refuse if some depth does not fit
+              --force                   skip that check
+  check     compile every depth of a run for a slice, here, without a TPU (python -m
+            midas_jax.aot; needs the tpu extra): per-chip HBM, fit, collectives, est. step time
+              --accelerator-type TYPE   the slice, e.g. v5p-256 or v5p:4x4x8  [ACCELERATOR_TYPE]
+              --num-slices N            slices over DCN (default 1)
+              --gin-file FILE, --gin X=V, -- ARGS   as for run; exit status 3 if some depth
+                                        does not fit
   status    describe the queued resource and its node
   setup     on all workers: copy the code, make a venv, pip install -e . and jax[tpu]
               (default: a git archive of local HEAD, copied with scp; uncommitted changes are not)
@@ -42,6 +51,8 @@ Subcommands:
               -- ARGS                   appended to the trainer's command line
             Re-running the same run command after a stop or preemption resumes from the latest
             checkpoint in MODEL_DIR. Refuses to start while RUN is still running on a worker.
+            With --accelerator-type TYPE (or ACCELERATOR_TYPE) it first runs the AOT check
+            here and refuses if some depth does not fit; --force skips the check.
   logs      tail RUN's log:  --run-name RUN  --worker N (default 0)  --lines N (default 100)
               --no-follow
   stop      SIGTERM RUN on all workers (the trainer saves a checkpoint) and wait for it to exit:
@@ -129,10 +140,60 @@ default_runtime() {
   esac
 }
 
-cmd_create() {
-  local tier="" reserved=0 extra=()
+# The AOT check (python -m midas_jax.aot) of a run for slice TYPE, here: exit status 3 when some
+# depth does not fit, which the callers turn into a refusal.
+aot_check() {  # TYPE NUM_SLICES ARGS...
+  local py=${LOCAL_PYTHON:-$ROOT/.venv/bin/python}
+  local cmd=("$py" -m midas_jax.aot --topology="$1" --num_slices="$2" "${@:3}")
+  if ((DRY_RUN)); then qcmd "${cmd[@]}"; printf '%s\n' "$REPLY"; return 0; fi
+  [[ -x $py ]] || die "no $py for the AOT check: run bash launch/test.sh first (or set LOCAL_PYTHON), or pass --force to skip the check" 2
+  (cd "$ROOT" && "${cmd[@]}")
+}
+
+# Refuse (exit 3) unless every depth of the run fits on slice TYPE.
+require_fit() {  # TYPE ARGS...
+  local rc=0
+  aot_check "$1" 1 "${@:2}" || rc=$?
+  ((rc == 0)) && return 0
+  ((rc == 3)) && die "some depth of this run does not fit on a $1 (table above): lower BATCH_SIZE, use --gin.midas_jax.model.ModelConfig.remat=full, or take a larger slice; --force skips the check" 3
+  die "the AOT check failed (exit status $rc, above); --force skips it" "$rc"
+}
+
+# --gin-file / --gin flags into FILES and BINDS (shared by create, check and run).
+gin_flag() {  # FLAG [VALUE]: sets SHIFT to the words used, 0 if FLAG is not a gin flag
+  SHIFT=0
+  case $1 in
+    --gin-file|--gin_file) need_value "$@"; FILES+=("--gin_file=$2"); SHIFT=2;;
+    --gin) need_value "$@"; [[ $2 == ?*=* ]] || usage_error "--gin takes NAME=VALUE, got '$2'"
+           BINDS+=("--gin.$2"); SHIFT=2;;
+    --gin.?*=*) BINDS+=("$1"); SHIFT=1;;
+  esac
+}
+
+cmd_check() {
+  local slices=1 extra=()
+  FILES=() BINDS=()
   while (($#)); do
+    gin_flag "$@"; ((SHIFT)) && { shift "$SHIFT"; continue; }
     case $1 in
+      --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2; shift 2;;
+      --num-slices) need_value "$@"; slices=$2; shift 2;;
+      --) extra=("${@:2}"); break;;
+      *) usage_error "unknown check flag: $1";;
+    esac
+  done
+  require ACCELERATOR_TYPE --accelerator-type v5p-256
+  ((${#FILES[@]})) || die "no gin file: pass --gin-file gin/experiments/NAME.gin --gin-file gin/schedules/NAME.gin" 2
+  aot_check "$ACCELERATOR_TYPE" "$slices" "${FILES[@]}" ${BINDS[@]+"${BINDS[@]}"} ${extra[@]+"${extra[@]}"}
+}
+
+cmd_create() {
+  local tier="" reserved=0 extra=() force=0
+  FILES=() BINDS=()
+  while (($#)); do
+    gin_flag "$@"; ((SHIFT)) && { shift "$SHIFT"; continue; }
+    case $1 in
+      --force) force=1; shift;;
       --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2; shift 2;;
       --runtime-version) need_value "$@"; RUNTIME_VERSION=$2; shift 2;;
       --spot|--best-effort) [[ -z $tier || $tier == "$1" ]] || usage_error "--spot and --best-effort exclude each other"
@@ -145,6 +206,9 @@ cmd_create() {
   [[ -z $tier || $reserved == 0 ]] || usage_error "--reserved excludes $tier"
   require ACCELERATOR_TYPE --accelerator-type v4-32
   RUNTIME_VERSION=${RUNTIME_VERSION:-$(default_runtime "$ACCELERATOR_TYPE")}
+  if ((${#FILES[@]})) && ((!force)); then
+    require_fit "$ACCELERATOR_TYPE" "${FILES[@]}" ${BINDS[@]+"${BINDS[@]}"}
+  fi
   # --best-effort exists only in the alpha track of queued-resources create.
   local gc=(gcloud); [[ $tier == --best-effort ]] && gc+=(alpha)
   local flags=(--node-id="$TPU_NAME" "${LOC[@]}" --accelerator-type="$ACCELERATOR_TYPE"
@@ -210,14 +274,14 @@ valid_run_name() {
 }
 
 cmd_run() {
-  local files=() binds=() extra=() distributed=1
+  local extra=() distributed=1 force=0
+  FILES=() BINDS=()
   while (($#)); do
+    gin_flag "$@"; ((SHIFT)) && { shift "$SHIFT"; continue; }
     case $1 in
       --run-name) need_value "$@"; RUN_NAME=$2; shift 2;;
-      --gin-file|--gin_file) need_value "$@"; files+=("--gin_file=$2"); shift 2;;
-      --gin) need_value "$@"; [[ $2 == ?*=* ]] || usage_error "--gin takes NAME=VALUE, got '$2'"
-             binds+=("--gin.$2"); shift 2;;
-      --gin.?*=*) binds+=("$1"); shift;;
+      --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2; shift 2;;
+      --force) force=1; shift;;
       --model-dir) need_value "$@"; MODEL_DIR=$2; shift 2;;
       --bucket) need_value "$@"; BUCKET=$2; shift 2;;
       --no-distributed) distributed=0; shift;;
@@ -227,6 +291,7 @@ cmd_run() {
   done
   require RUN_NAME --run-name my-run
   valid_run_name
+  local files=("${FILES[@]+"${FILES[@]}"}") binds=("${BINDS[@]+"${BINDS[@]}"}")
   ((${#files[@]})) || die "no gin file: pass --gin-file gin/experiments/NAME.gin --gin-file gin/schedules/NAME.gin" 2
   if [[ -z ${MODEL_DIR:-} ]]; then
     [[ -n ${BUCKET:-} ]] || die "MODEL_DIR is not set: pass --model-dir gs://BUCKET/runs/$RUN_NAME or --bucket gs://BUCKET (or export MODEL_DIR or BUCKET)" 2
@@ -235,6 +300,9 @@ cmd_run() {
   # Quoted for gin, so any path is a string literal (a bare './x' would not parse).
   [[ $MODEL_DIR != *[\'\\]* ]] || die "MODEL_DIR may not contain quotes or backslashes: $MODEL_DIR" 2
   [[ $MODEL_DIR == gs://* ]] || warn "MODEL_DIR $MODEL_DIR is not on gs://: every worker of a multi-host slice writes its own local copy"
+  if [[ -n ${ACCELERATOR_TYPE:-} ]] && ((!force)); then
+    require_fit "$ACCELERATOR_TYPE" "${files[@]}" "--gin.MODEL_DIR='$MODEL_DIR'" ${binds[@]+"${binds[@]}"}
+  fi
   local train=(.venv/bin/python -u -m midas_jax.train "${files[@]}" "--gin.MODEL_DIR='$MODEL_DIR'")
   ((distributed)) && train+=(--gin.midas_jax.sharding.initialize_distributed.enabled=True)
   train+=(${binds[@]+"${binds[@]}"} ${extra[@]+"${extra[@]}"})
@@ -337,6 +405,7 @@ main() {
   [[ -n $cmd ]] || usage_error "no subcommand given"
   case $cmd in
     create|status|setup|run|logs|stop|delete) ;;
+    check) cmd_check "${rest[@]+"${rest[@]}"}"; return;;  # local: no slice, zone or project
     *) usage_error "unknown subcommand: $cmd";;
   esac
   require TPU_NAME --name my-tpu

@@ -15,7 +15,7 @@ All but `input` and `eval` run on synthetic batches, so they need neither seqio 
 Figures are ratios measured side by side in one process (shared machines are noisy; the step
 mode also reads the ceiling beside every step). MFU is
 model FLOPs (`model.train_flops_per_token`, no remat recompute) over the matmul ceiling measured
-here in the model's compute dtype, and over the device's datasheet peak when `DATASHEET_PEAKS`
+here in the model's compute dtype, and over the device's datasheet peak when `chips.CHIPS`
 knows it.
 """
 
@@ -37,6 +37,7 @@ from midas_jax import host_memory
 from midas_jax import config as config_lib
 from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
+from midas_jax.chips import peak_flops as datasheet_peak
 from midas_jax.model import ModelConfig, train_flops_per_token
 
 
@@ -59,30 +60,6 @@ def _best_time(fn, *args, reps: int) -> float:
     jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - t)
   return best
-
-
-# Dense (no sparsity) peak FLOP/s per device, (bfloat16, float32), keyed by a lower-case substring
-# of `jax.devices()[0].device_kind` (first match wins: "NVIDIA H100 80GB HBM3" is the SXM part,
-# "NVIDIA H100 PCIe", "TPU v5 lite" is v5e, "TPU v5" v5p, "TPU v6 lite" v6e). NVIDIA's datasheets
-# quote tensor-core rates with 2:4 sparsity; halved here. H100 SXM/PCIe/NVL: BF16 1979/1513/1671,
-# TF32 989/756/835 sparse (H100 datasheet); H200 (SXM) as H100 SXM, H200 NVL as H100 NVL (H200
-# datasheet); A100: BF16 312, TF32 156 dense (A100 datasheet). float32 is the TF32 rate: what
-# float32 matmuls use on these GPUs at JAX's default precision. TPUs, per chip, bf16 (Cloud TPU
-# "TPU versions" pages): v4 275, v5e 197, v5p 459, v6e (Trillium) 918; no float32 figure.
-DATASHEET_PEAKS = (
-    ("h100 nvl", 835e12, 418e12), ("h200 nvl", 835e12, 418e12), ("h100 pcie", 756e12, 378e12),
-    ("h100", 989e12, 494e12), ("h200", 989e12, 494e12), ("a100", 312e12, 156e12),
-    ("tpu v4 lite", None, None), ("tpu v4", 275e12, None), ("tpu v5 lite", 197e12, None),
-    ("tpu v5e", 197e12, None), ("tpu v5", 459e12, None), ("tpu v6 lite", 918e12, None),
-    ("tpu v6e", 918e12, None))
-
-
-def datasheet_peak(device_kind: str, dtype: str) -> float | None:
-  """Dense datasheet peak FLOP/s of one device for matmuls in `dtype`, or None if unknown."""
-  for key, bf16, f32 in DATASHEET_PEAKS:
-    if key in device_kind.lower():
-      return bf16 if dtype == "bfloat16" else f32
-  return None
 
 
 def matmul_ceiling(dtype: str = "float32", sizes=None, reps: int = 5) -> dict:

@@ -15,6 +15,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
+# The suite runs on the CPU even where libtpu is installed (the `tpu` extra): JAX then neither
+# probes for a TPU nor takes libtpu's one-process lock. AOT tests compile for TPUs regardless.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax  # noqa: E402  (after the path and XLA set-up above)
 
 from midas_jax import losses  # noqa: E402

@@ -10,7 +10,7 @@ import gin
 import jax
 import pytest
 
-from midas_jax import bench
+from midas_jax import bench, chips
 from midas_jax import config as config_lib
 from midas_jax import schedule as sched
 from midas_jax.model import init_params, num_params
@@ -104,7 +104,11 @@ def test_accelerator_experiments_are_ul2_on_c4_with_32k_sentencepiece(path, sche
   if name is not None:
     n, lo, hi = PAPER[name]
     assert _value("%BLOCK_SIZE") == 4 and model.num_layers == 4 * n
-    assert gin.query_parameter("midas_jax.sharding.make_mesh.fsdp") == -1
+    # FSDP shards of at least a TPU's 128 lanes, data parallelism over the other chips, and
+    # the slice it is sized for named (docs/tpu.md).
+    fsdp = gin.query_parameter("midas_jax.sharding.make_mesh.fsdp")
+    assert model.d_model // fsdp >= 128 and gin.query_parameter("midas_jax.sharding.make_mesh.data") == -1
+    assert chips.topology_name(gin.query_parameter("midas_jax.aot.target_slice.topology"))
     assert len(stages) == (1 if schedule == "baseline" else n)
     shapes = jax.eval_shape(lambda: init_params(model.replace(attention="xla"),
                                                 jax.random.PRNGKey(0)))

@@ -401,3 +401,51 @@ def test_remote_run_without_setup_says_so(no_gcloud_path, tmp_path):
   r = subprocess.run([BASH, "-c", payload(argv)], cwd=tmp_path, capture_output=True, text=True,
                      env={**os.environ, "HOME": str(tmp_path)}, timeout=10)
   assert r.returncode == 1 and "run launch/tpu.sh setup first" in r.stderr
+
+
+# --- the AOT check before a slice is paid for ----------------------------------------------------
+
+@pytest.fixture
+def fake_aot(tmp_path):
+  """A LOCAL_PYTHON that records its argv and exits with $FAKE_AOT_RC (3: does not fit)."""
+  py, log = tmp_path / "python", tmp_path / "aot_calls.jsonl"
+  py.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                "sys.exit(int(os.environ.get('FAKE_AOT_RC', '0')))\n")
+  py.chmod(0o755)
+  calls = lambda: [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
+  return str(py), calls
+
+
+def test_check_runs_the_aot_tool_here_without_slice_settings(fake_aot, no_gcloud_path):
+  py, calls = fake_aot
+  r = tpu("check", "--accelerator-type", "v5p-256", "--num-slices", "2", "--gin-file", EXPERIMENT,
+          "--gin-file", SCHEDULE, "--gin", "BATCH_SIZE=128", path=no_gcloud_path, base=False,
+          extra_env={"LOCAL_PYTHON": py})
+  assert r.returncode == 0, r.stderr
+  assert calls() == [["-m", "midas_jax.aot", "--topology=v5p-256", "--num_slices=2",
+                      f"--gin_file={EXPERIMENT}", f"--gin_file={SCHEDULE}", "--gin.BATCH_SIZE=128"]]
+  r = tpu("check", "--gin-file", EXPERIMENT, path=no_gcloud_path, base=False,
+          extra_env={"LOCAL_PYTHON": py, "FAKE_AOT_RC": "3"})
+  assert r.returncode == 2 and "ACCELERATOR_TYPE is not set" in r.stderr
+  r = tpu("check", "--accelerator-type", "v5p-256", "--gin-file", EXPERIMENT,
+          path=no_gcloud_path, base=False, extra_env={"LOCAL_PYTHON": py, "FAKE_AOT_RC": "3"})
+  assert r.returncode == 3
+
+
+@pytest.mark.parametrize("cmd", [
+    ["create", "--accelerator-type", "v5p-256", "--gin-file", EXPERIMENT, "--gin-file", SCHEDULE],
+    ["run", "--run-name", "r1", "--model-dir", "gs://b/x", "--accelerator-type", "v5p-256",
+     "--gin-file", EXPERIMENT, "--gin-file", SCHEDULE]])
+def test_create_and_run_refuse_a_run_that_does_not_fit(fake_aot, fake_gcloud, tmp_path, cmd):
+  py, aot_calls = fake_aot
+  path, calls = fake_gcloud
+  env = {"LOCAL_PYTHON": py, "FAKE_AOT_RC": "3", "TMPDIR": str(tmp_path)}
+  r = tpu(*cmd, path=path, extra_env=env)
+  assert r.returncode == 3 and "does not fit on a v5p-256" in r.stderr and "--force" in r.stderr
+  assert calls() == [] and aot_calls()[0][:3] == ["-m", "midas_jax.aot", "--topology=v5p-256"]
+  r = tpu(*cmd, "--force", path=path, extra_env=env)
+  assert r.returncode == 0, r.stderr
+  assert calls() and len(aot_calls()) == 1  # forced: no second check, gcloud called
+  r = tpu(*cmd, path=path, extra_env={**env, "FAKE_AOT_RC": "0"})
+  assert r.returncode == 0 and calls() and len(aot_calls()) == 2

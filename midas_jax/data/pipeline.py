@@ -28,6 +28,16 @@ EVAL_SEED = 0  # validation examples are corrupted the same way in every run, so
 _FIELDS = {"decoder_input_tokens": "inputs", "decoder_target_tokens": "targets",
            "decoder_segment_ids": "segment_ids", "decoder_positions": "positions",
            "decoder_loss_weights": "loss_weights", "decoder_causal_attention": "prefix_mask"}
+_DTYPES = {"loss_weights": "float32"}  # every other field is int32
+
+
+def batch_spec(rows: int, seq_len: int, objective=None) -> dict:
+  """The `ShapeDtypeStruct`s of a batch of `rows` rows under `objective` (default CLM): what
+  the trainer's executables are compiled for, without reading any data (`midas_jax.aot`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  prefix = getattr(objective, "feature_converter", "lm") == "prefix_lm"
+  names = [n for n in _FIELDS.values() if prefix or n != "prefix_mask"]
+  return {n: jax.ShapeDtypeStruct((rows, seq_len), _DTYPES.get(n, "int32")) for n in names}
 
 
 def _apply_objective(ds, objective, info, seq_len: int, seed: int, shard_index: int):
@@ -105,9 +115,8 @@ class SeqioLM:
     ds = converter(ds, lengths)
 
     def rename(ex):
-      out = {_FIELDS[k]: tf.cast(v, tf.int32) for k, v in ex.items() if k in _FIELDS}
-      out["loss_weights"] = tf.cast(out["loss_weights"], tf.float32)
-      return out
+      return {_FIELDS[k]: tf.cast(v, _DTYPES.get(_FIELDS[k], "int32")) for k, v in ex.items()
+              if k in _FIELDS}
     ds = ds.batch(rows, drop_remainder=repeat).map(rename)
     options = tf.data.Options()
     options.deterministic = True  # parallel maps keep order: the stream is reproducible

@@ -65,8 +65,10 @@ def _parse(argv, method: str | None, settings: dict | None, seed: int | None):
   extra = []
   if method is not None:
     run = epath.Path(settings["output_dir"]) / f"{method}_seed{seed}"
+    # Each method compiles into its own cache: a rerun loads its executables, but no method
+    # loads another's, so the compile times compared stay each method's own.
     extra = [f"--gin_file={settings['schedules'][method]}", f"--gin.MODEL_DIR='{run}'",
-             f"--gin.SEED={seed}"]
+             f"--gin.SEED={seed}", f"--gin.COMPILE_CACHE_DIR='{run}/compile_cache'"]
   files = [a for a in argv if a.startswith("--gin_file")]
   rest = [a for a in argv if not a.startswith("--gin_file")]
   # Schedule file after the experiment's files, command-line bindings last (they win).
