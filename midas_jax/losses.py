@@ -15,10 +15,17 @@ from midas_jax.model import Decoder, ModelConfig
 
 def token_nll(params, batch, config: ModelConfig):
   """Per-token cross-entropy `BxT` of the decoder on a (packed) batch."""
+  return token_nll_and_argmax(params, batch, config)[0]
+
+
+def token_nll_and_argmax(params, batch, config: ModelConfig):
+  """(`token_nll`, the decoder's argmax token `BxT`): the loss and greedy decoding's choice
+  from one forward pass (XLA drops the argmax where only the loss is used)."""
   logits_BxTxV = Decoder(config).apply(
       {"params": params}, batch["inputs"], batch.get("segment_ids"), batch.get("positions"),
       batch.get("prefix_mask"))
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  return nll_BxT, jnp.argmax(logits_BxTxV, axis=-1).astype(batch["targets"].dtype)
 
 
 def loss_sums(params, batch, config: ModelConfig):

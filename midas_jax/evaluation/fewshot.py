@@ -34,7 +34,8 @@ ROW_MULTIPLE = 64  # row lengths round up to this, so similar suites share an ex
 
 class ByteCodec:
   """seqio's ByteVocabulary id layout (0 pad, 1 EOS, 2 UNK, byte + 3) without seqio/TF."""
-  eos_id = 1
+  eos_id, unk_id = 1, 2
+  text_end = 259  # ids from here on (extra ids, padding of the embedding) have no text
 
   def encode(self, text: str) -> list[int]:
     return [b + 3 for b in text.encode("utf-8")]
@@ -47,7 +48,8 @@ class SeqioCodec:
   """Any seqio vocabulary (bytes or SentencePiece), as the training data was tokenized."""
 
   def __init__(self, vocab):
-    self.vocab, self.eos_id = vocab, vocab.eos_id
+    self.vocab, self.eos_id, self.unk_id = vocab, vocab.eos_id, vocab.unk_id
+    self.text_end = vocab.vocab_size - vocab.extra_ids
 
   def encode(self, text: str) -> list[int]:
     return list(self.vocab.encode(text))
