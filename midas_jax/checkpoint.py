@@ -1,7 +1,9 @@
 """Checkpoints of a growing model: orbax `CheckpointManager`, async saves, damage fallback.
 
-A checkpoint step holds two items: `state` (the TrainState pytree: params, optimizer state,
-step) and `meta` (JSON: stage, depth, phase, data position, operative gin config, ...). The
+A checkpoint step holds three items: `state` (the TrainState pytree: params, optimizer state,
+step), `meta` (JSON: stage, depth, phase, data position, operative gin config, ...) and
+`checksums` (JSON: two sums of every array's bits, checked on restore, since orbax checks none of
+the array data it reads back). The
 depth of `params['layers']` differs between checkpoints of one run, so restoring needs a
 target built for the checkpoint's `meta['depth']`; `restore_latest` asks the caller for it.
 
@@ -14,24 +16,29 @@ target built for the checkpoint's `meta['depth']`; `restore_latest` asks the cal
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import logging
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from midas_jax import schedule
 
 log = logging.getLogger("midas_jax.checkpoint")
 
-_COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, before the atomic rename
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, before the atomic rename
 CHECKPOINT_SUBDIR = "checkpoints"  # a run directory's checkpoints live in RUN/checkpoints
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
   """A checkpoint (or the whole directory) is damaged or is not a checkpoint.
 
   `step` is the checkpoint's step where one is meant (else None); `reason` says what is wrong
@@ -97,6 +104,99 @@ def _silence_abandoned_reads() -> None:
     asyncio_log.addFilter(keep)
 
 
+def absolute(path) -> epath.Path:
+  """`path` as an epath, made absolute if local: orbax wants absolute paths; runs/x is ./runs/x."""
+  return epath.Path(path) if "://" in str(path) else epath.Path(path).absolute()
+
+
+def check_directory(directory) -> None:
+  """CheckpointError unless `directory` is absent or a directory of orbax checkpoints only.
+
+  Orbax ignores what it does not recognise, so a run directory or a dataset passed by mistake
+  would look like "no checkpoint" and a run would start from scratch there.
+  """
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return
+  if not directory.is_dir():
+    raise CheckpointError(f"{directory} is a file, not a checkpoint directory.")
+  foreign = sorted(p.name for p in directory.iterdir()
+                   if not (p.name.isdigit() or ".orbax-checkpoint-tmp" in p.name
+                           or p.name == "metadata" or p.name.startswith(".")))
+  if foreign:
+    raise CheckpointError(
+        f"{directory} holds entries that are not orbax checkpoints ({', '.join(foreign[:5])}); "
+        "move them out, or give the checkpoints a directory of their own.")
+
+
+def _bits(x):
+  """The bit pattern of `x` as uint32 (8-byte elements as two words, on a trailing axis)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+
+
+def _leaf_sums(x):
+  """Two uint32 sums of `x`'s bits, the second weighted by position. Integer sums wrap exactly
+  whatever the reduction order, so every mesh gets the same; positions come from iotas, not a
+  reshape, so a sharded leaf is never gathered."""
+  b = _bits(x)
+  i = sum((jax.lax.broadcasted_iota(jnp.uint32, b.shape, d) * np.uint32(
+      int(np.prod(b.shape[d + 1:])) % 2**32) for d in range(b.ndim)), jnp.uint32(0))
+  return jnp.stack([jnp.sum(b, dtype=jnp.uint32),
+                    jnp.sum((b ^ (b >> 15)) * (2 * i + 1), dtype=jnp.uint32)])
+
+
+@functools.lru_cache(maxsize=None)
+def _sums_fn(out_sharding):
+  fn = lambda tree: jax.tree.map(_leaf_sums, tree)  # noqa: E731
+  return jax.jit(fn, out_shardings=out_sharding) if out_sharding is not None else jax.jit(fn)
+
+
+def checksums(tree) -> dict:
+  """`{leaf path: [sum, weighted sum]}` of a pytree of arrays (computed where they live)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sh = getattr(leaves[0][1], "sharding", None) if leaves else None
+  out = NamedSharding(sh.mesh, P()) if isinstance(sh, NamedSharding) else None
+  sums = jax.device_get(_sums_fn(out)(tree))
+  return {"/".join(map(str, _path_key(p))): [int(v) for v in s]
+          for (p, _), s in zip(leaves, jax.tree.leaves(sums))}
+
+
+def _disk_full(e: BaseException | None) -> bool:
+  """Whether `e` or an exception in its cause chain says the disk is full."""
+  while e is not None:
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _quiet_disk_full_reports() -> None:
+  """Drop orbax's ERROR records (one per writer thread, each with a traceback) of a save that
+  ran out of disk space: the save's caller raises it once, as one line (installed once)."""
+  absl = logging.getLogger("absl")
+  if not any(getattr(f, "_midas_filter", False) for f in absl.filters):
+    def keep(record):
+      return not (_disk_full(record.exc_info[1] if record.exc_info else None)
+                  or "No space left on device" in record.getMessage())
+    keep._midas_filter = True
+    absl.addFilter(keep)
+
+
+@contextlib.contextmanager
+def _writing(directory):
+  """A disk-full failure of orbax's saves (pages of TensorStore text) as one OSError(ENOSPC)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if not _disk_full(e):
+      raise
+    raise OSError(errno.ENOSPC, f"No space left on device for the checkpoints in {directory}"
+                  ) from None
+
+
 def _path_key(path) -> tuple:
   """A key path as plain names/indices; orbax stores namedtuples as dicts and tuples as lists."""
   return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
@@ -122,25 +222,17 @@ class Checkpointer:
 
   def __init__(self, directory, *, save_every: int = 0, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     self.save_every = int(save_every)
-    if self.directory.exists():
-      if not self.directory.is_dir():
-        raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory.")
-      # Orbax ignores what it does not recognise; a run directory or a dataset passed by
-      # mistake would then look like "no checkpoint" and the run would start from scratch.
-      foreign = sorted(p.name for p in self.directory.iterdir()
-                       if not (p.name.isdigit() or ".orbax-checkpoint-tmp" in p.name
-                               or p.name == "metadata" or p.name.startswith(".")))
-      if foreign:
-        raise CheckpointError(
-            f"{self.directory} holds entries that are not orbax checkpoints "
-            f"({', '.join(foreign[:5])}); give the checkpointer a directory of its own.")
+    check_directory(self.directory)
+    _silence_abandoned_reads()  # before any read: a failed metadata read leaves reports too
+    _quiet_disk_full_reports()
     self._bad: dict[int, str] = {}  # steps found damaged; a new save of that step replaces it
     self._mngr = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()},
+                       "meta": ocp.JsonCheckpointHandler(),
+                       "checksums": ocp.JsonCheckpointHandler()},
         # Leftovers of a crashed save are not checkpoints, so a writer cleans them up; a reader
         # (analysis of a live run) must not, since there they are saves in flight.
         options=ocp.CheckpointManagerOptions(
@@ -166,14 +258,17 @@ class Checkpointer:
       if step not in self._bad:
         return False
       _warn("Replacing damaged checkpoint step %d (%s).", step, self._bad.pop(step))
-      self._mngr.wait_until_finished()
+      self.wait()
       self._mngr.delete(step)
-    return self._mngr.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    with _writing(self.directory):
+      return self._mngr.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+          checksums=ocp.args.JsonSave(checksums(state))))
 
   def wait(self):
     """Block until pending async saves are committed (raises if one failed)."""
-    self._mngr.wait_until_finished()
+    with _writing(self.directory):
+      self._mngr.wait_until_finished()
 
   def save_now(self, step: int, state, meta: dict) -> bool:
     """Synchronous save for SIGTERM / preemption: write `step` and wait for the commit."""
@@ -188,8 +283,8 @@ class Checkpointer:
   def _check(self, step: int) -> dict:
     """The meta of `step` if its commit marker, meta and array metadata are readable."""
     step_dir = self.directory / str(step)
-    if not (step_dir / _COMMIT_MARKER).exists():
-      raise CheckpointError(f"no commit marker ({_COMMIT_MARKER})", step=step)
+    if not (step_dir / COMMIT_MARKER).exists():
+      raise CheckpointError(f"no commit marker ({COMMIT_MARKER})", step=step)
     try:
       meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # pylint: disable=broad-except
@@ -211,7 +306,7 @@ class Checkpointer:
 
   def _newest_first(self):
     """Yield (step, meta) of readable checkpoints, newest first, warning about damaged ones."""
-    self._mngr.wait_until_finished()
+    self.wait()
     self._mngr.reload()  # files may have changed since this manager listed them
     steps = sorted(self._mngr.all_steps(), reverse=True)
     for step in steps:
@@ -245,7 +340,7 @@ class Checkpointer:
       if getattr(x, "sharding", None) is None:
         raise ValueError(f"Restore target leaf {jax.tree_util.keystr(p)} has no sharding; "
                          "pass jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves.")
-    self._mngr.wait_until_finished()  # the step may still be committing
+    self.wait()  # the step may still be committing
     if step not in self._mngr.all_steps():
       raise ValueError(f"No checkpoint step {step} in {self.directory}; "
                        f"steps: {self.all_steps()}.")
@@ -261,12 +356,28 @@ class Checkpointer:
               if depths[0] != depths[1] else "does not match the restore target")
       raise ValueError(f"Checkpoint step {step} {head} ({len(bad)} leaves differ; first {what}). "
                        "Build the target for the checkpoint's meta['depth'] and model config.")
-    _silence_abandoned_reads()  # before: the first reports can precede the exception
     try:
-      return self._mngr.restore(step, args=ocp.args.Composite(
+      state = self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target))).state
     except Exception as e:  # pylint: disable=broad-except
       raise self._unrestorable(step, _reason(e)) from e
+    self._verify(step, state)
+    return state
+
+  def _verify(self, step: int, tree) -> None:
+    """CheckpointError unless `tree`'s arrays have the checksums saved with `step` (if any:
+    checkpoints written before checksums existed are taken as read)."""
+    if not (self.directory / str(step) / "checksums").exists():
+      return
+    try:
+      saved = self._mngr.restore(step, args=ocp.args.Composite(
+          checksums=ocp.args.JsonRestore())).checksums
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unrestorable(step, f"checksums unreadable: {_reason(e)}") from e
+    bad = [k for k, v in checksums(tree).items() if saved.get(k) != v]
+    if bad:
+      raise self._unrestorable(step, f"the array data of {len(bad)} leaves does not match the "
+                                     f"checksums saved with it (first {bad[0]})")
 
   def _unrestorable(self, step: int, reason: str) -> CheckpointError:
     return CheckpointError(f"Checkpoint step {step} in {self.directory} could not be restored: "
@@ -309,9 +420,8 @@ class Checkpointer:
     # StandardRestore rejects partial targets; the PyTree handler reads the same files and
     # with `partial_restore` touches only the arrays named in `item`.
     handler = ocp.PyTreeCheckpointHandler()
-    _silence_abandoned_reads()
     try:
-      return handler.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+      params = handler.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
           item=item, partial_restore=True,
           restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                     item)))["params"]
@@ -319,6 +429,8 @@ class Checkpointer:
       raise self._unrestorable(step, _reason(e)) from e
     finally:
       handler.close()
+    self._verify(step, {"params": params})
+    return params
 
   def restore_params(self, step: int | None = None) -> tuple[int, dict, dict]:
     """(step, meta, params) of `step` (default: the newest readable checkpoint), params only.
@@ -334,7 +446,7 @@ class Checkpointer:
         raise CheckpointError(f"No checkpoints in {self.directory}.")
       return found
     step = int(step)
-    self._mngr.wait_until_finished()
+    self.wait()
     self._mngr.reload()
     if step not in self._mngr.all_steps():
       raise CheckpointError(f"No checkpoint step {step} in {self.directory}; "
@@ -348,7 +460,8 @@ class Checkpointer:
 
   def close(self):
     """Wait for pending saves and release the manager."""
-    self._mngr.close()
+    with _writing(self.directory):
+      self._mngr.close()
 
 
 _EXPECTED = ("expected a run directory (holding checkpoints/), a checkpoints directory (holding "
@@ -364,7 +477,7 @@ def checkpoint_dir(path) -> tuple[epath.Path, int | None]:
     raise CheckpointError(f"{p} is a file; {_EXPECTED}.")
   if (p / CHECKPOINT_SUBDIR).is_dir():
     return p / CHECKPOINT_SUBDIR, None
-  if p.name.isdigit() and any((p / n).exists() for n in ("state", "meta", _COMMIT_MARKER)):
+  if p.name.isdigit() and any((p / n).exists() for n in ("state", "meta", COMMIT_MARKER)):
     return p.parent, int(p.name)
   if p.name == CHECKPOINT_SUBDIR or any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
     return p, None

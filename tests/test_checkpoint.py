@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from midas_jax import train
-from midas_jax.checkpoint import Checkpointer, CheckpointError
+from midas_jax.checkpoint import Checkpointer, CheckpointError, load_params
 from midas_jax.model import ModelConfig, init_params
 
 pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
@@ -172,15 +172,26 @@ def _largest_data_file(step_dir):
              key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def _damaged(data: bytes, damage: str) -> bytes:
+  """`data` cut in half, replaced by noise, or with the low bit of 8 bytes mid-file flipped
+  (which orbax reads back without an error: only a checksum tells)."""
+  if damage == "truncated":
+    return data[: len(data) // 2]
+  if damage == "garbage":
+    return np.random.default_rng(0).bytes(len(data))
+  out = bytearray(data)
+  for i in np.linspace(len(data) // 3, 2 * len(data) // 3, 8).astype(int):
+    out[i] ^= 1
+  return bytes(out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "low_bits"])
 def test_damaged_arrays_fall_back_to_previous_and_get_replaced(tmp_path, warnings_log, damage):
   ckpt = Checkpointer(tmp_path, async_save=False)
   for step, depth in ((10, 2), (20, 4)):
     ckpt.save(step, _state(depth), {"depth": depth}, force=True)
   data = _largest_data_file(tmp_path / "20")
-  size = data.stat().st_size
-  data.write_bytes(data.read_bytes()[: size // 2] if damage == "truncated"
-                   else np.random.default_rng(0).bytes(size))
+  data.write_bytes(_damaged(data.read_bytes(), damage))
   with pytest.raises(CheckpointError, match="step 20 .* could not be restored"):
     ckpt.restore(20, _target(_state(4)))
   step, meta, got = ckpt.restore_latest(lambda m: _target(_state(m["depth"])))
@@ -192,6 +203,19 @@ def test_damaged_arrays_fall_back_to_previous_and_get_replaced(tmp_path, warning
   assert ckpt.save(20, _state(4), {"depth": 4, "again": True}, force=True)
   assert ckpt.restore_latest(lambda m: _target(_state(m["depth"])))[:2] == (
       20, {"depth": 4, "again": True})
+
+
+def test_analysis_reads_fall_back_past_flipped_bits(tmp_path, warnings_log):
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  for step in (10, 20):
+    ckpt.save(step, {"params": _state(4).params}, {"depth": 4}, force=True)
+  data = _largest_data_file(tmp_path / "20")
+  data.write_bytes(_damaged(data.read_bytes(), "low_bits"))
+  step, _, params = load_params(tmp_path)
+  assert step == 10
+  _assert_same(params, jax.device_get(_state(4).params))
+  assert any("step 20" in r.getMessage() and "checksums" in r.getMessage()
+             for r in warnings_log.records)
 
 
 def test_damaged_or_missing_meta_falls_back(tmp_path, warnings_log):
@@ -221,3 +245,24 @@ def test_clear_errors_for_things_that_are_not_checkpoints(tmp_path):
   (junk / "7" / "notes.txt").write_text("hello")
   with pytest.raises(CheckpointError, match="No readable checkpoint .*step 7: no commit marker"):
     Checkpointer(junk).latest_meta()
+
+
+def test_gqa_state_round_trips_onto_its_mesh_shardings(tmp_path):
+  """A grouped-query model's state (k/v kernels (L, D, KV, K)) saved from one device restores
+  bitwise onto a (1, 2, 4) mesh, where tensor = 4 > KV = 2 replicates k/v over `tensor`."""
+  from midas_jax import sharding  # pylint: disable=import-outside-toplevel
+  gqa = CFG.replace(num_kv_heads=2, num_layers=2)
+  state = jax.jit(lambda: train.TrainState(
+      jnp.zeros((), jnp.int32), p := init_params(gqa, jax.random.PRNGKey(0)), TX.init(p)))()
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(1, state, {"depth": 2}, force=True)
+  ckpt.wait()
+  mesh = sharding.make_mesh(1, 2, 4)
+  shardings = sharding.state_shardings(jax.eval_shape(lambda: state), gqa, TX, mesh)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
+  got = ckpt.restore(1, target)
+  _assert_same(got, state)
+  k = got.params["layers"]["attn"]["k"]
+  assert k.shape == (2, 32, 2, 8) and k.sharding.spec == P(None, "fsdp", None, None)
+  assert got.params["layers"]["attn"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)

@@ -6,12 +6,14 @@ TensorFlow/seqio load once per process (~10 s); streams are built once per modul
 """
 
 import itertools
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 import uuid
+import zlib
 
 import gin
 import jax
@@ -420,6 +422,16 @@ def test_text_files_task_lines_with_hash_split(tmp_path, unique, seqio):
     tasks.text_files_task(name=unique(), files=str(tmp_path / "*.txt"), unit="word")
 
 
+def test_files_that_are_not_text_warn(tmp_path, unique, caplog, monkeypatch):
+  (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 40)
+  (tmp_path / "prose.txt").write_text("plain text, ünïcode too\n" * 400)  # 8 KB cuts a character
+  monkeypatch.setattr(logging.getLogger("midas_jax"), "propagate", True)  # the CLI turns it off
+  caplog.set_level(logging.WARNING, logger="midas_jax")
+  tasks.text_files_task(name=unique(), files=str(tmp_path / "*.txt"), unit="file")
+  warned = {r.getMessage() for r in caplog.records if "does not look like text" in r.getMessage()}
+  assert len(warned) == 1 and "blob.txt" in warned.pop(), warned
+
+
 def test_text_files_task_files_with_validation_files(tmp_path, unique):
   (tmp_path / "train").mkdir()
   (tmp_path / "val").mkdir()
@@ -443,7 +455,7 @@ def test_text_files_task_files_with_validation_files(tmp_path, unique):
 
 
 def test_unknown_task_lists_registered_names():
-  tasks.builtin_task()
+  tasks.unregister("midas_builtin")  # as in a fresh process: nothing registered yet
   with pytest.raises(tasks.DataError, match=r"'no_such_task'.*Registered: .*midas_builtin"):
     tasks.get_provider("no_such_task")
   with pytest.raises(tasks.DataError, match="no_such_task"):
@@ -540,6 +552,47 @@ def test_tfds_task_offline(tmp_path, unique):
   for run in (lambda: next(train.batches(ROWS)), lambda: next(val.eval_batches(ROWS, 1))):
     with pytest.raises(tasks.DataError, match=r"(?s)tfds build.*TFDS_DATA_DIR"):
       run()
+
+
+def test_hf_dataset_task_on_local_parquet_and_json(tmp_path, unique):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  train_docs = [f"parquet train document {i} with words" for i in range(40)]
+  val_docs = [f"parquet validation document {i}" for i in range(3)]
+  for split, docs in (("train", train_docs), ("validation", val_docs)):
+    pq.write_table(pa.table({"content": docs, "n": list(range(len(docs)))}),
+                   tmp_path / f"{split}.parquet")
+  name = tasks.hf_dataset_task(
+      name=unique("hf"), path="parquet", text_key="content",
+      data_files={s: str(tmp_path / f"{s}.parquet") for s in ("train", "validation")})
+  assert sorted(_eval_texts(name, "train")) == sorted(train_docs)
+  assert sorted(_eval_texts(name, "validation")) == sorted(val_docs)
+  for objective in (objectives.CLM(), objectives.UL2()):  # the same pipeline as other sources
+    ds = pipeline.SeqioLM(name, "train", SEQ_LEN, objective)
+    batches = list(itertools.islice(ds.batches(ROWS, seed=3), 3))
+    _check_packed(batches[0], ROWS, SEQ_LEN, prefix=objective.name == "ul2")
+    assert _same(ds.batch(2, ROWS, seed=3), batches[2])  # resumes at a step exactly
+  clm = pipeline.SeqioLM(name, "train", SEQ_LEN, objectives.CLM())
+  shards = [clm.batch(0, ROWS, seed=0, shard_index=i, num_shards=2) for i in range(2)]
+  texts = [{_decode(ex["targets"]) for r in range(ROWS // 2) for ex in _unpack(b, r)}
+           for b in shards]
+  assert texts[0] and texts[1] and not texts[0] & texts[1]  # each host reads its own rows
+
+  # JSON lines without a validation split: a stable hash of each text picks its split.
+  docs = [f"json line {i}" for i in range(60)]
+  (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "{d}"}}\n' for d in docs))
+  hashed = tasks.hf_dataset_task(name=unique("hfjson"), path="json",
+                                 data_files=str(tmp_path / "d.jsonl"), validation_fraction=0.25)
+  train, val = _eval_texts(hashed, "train"), _eval_texts(hashed, "validation")
+  assert sorted(train + val) == sorted(docs) and not set(train) & set(val)
+  assert set(val) == {d for d in docs if zlib.crc32(d.encode()) % 10_000 < 2500}
+
+  with pytest.raises(tasks.DataError, match="No file matches"):
+    tasks.hf_dataset_task(name=unique(), path="json", data_files=str(tmp_path / "none*.jsonl"))
+  wrong = tasks.hf_dataset_task(name=unique(), path="json", text_key="body",
+                                data_files=str(tmp_path / "d.jsonl"))
+  with pytest.raises(tasks.DataError, match="no column 'body'"):
+    _eval_texts(wrong, "train")
 
 
 # ---------------------------------------------------------------- gin

@@ -298,6 +298,14 @@ def test_cli_after_growth_and_compare(runs, capsys):
   assert json.loads((runs / "end_out" / "similarity.json").read_text())["num_blocks"] == 5
 
 
+def test_relative_checkpoint_paths(runs, monkeypatch, capsys):
+  monkeypatch.chdir(runs)  # orbax wants absolute paths: relative ones are made absolute first
+  assert load_params("midas_run")[0] == 20 and load_params("midas_run/checkpoints/10")[0] == 10
+  assert similarity.main(["--checkpoint=midas_run", "--output_dir=relative_out"]) == 0
+  assert "error" not in capsys.readouterr().err
+  assert (runs / "relative_out" / "similarity.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_cli_errors_are_one_line_with_exit_code_2(runs, tmp_path, capsys):
   no_block = tmp_path / "no_block"
   _save(no_block / "checkpoints", 5, _first_layers(_params8(), 2 * B),

@@ -35,7 +35,7 @@ import sys
 import jax
 import numpy as np
 
-from midas_jax import growth
+from midas_jax import cli, growth
 
 ALL = "all"
 # Panel order for the model's kinds; other kinds follow in tree order.
@@ -307,8 +307,7 @@ def _args(argv):
   p = argparse.ArgumentParser(
       prog="python -m midas_jax.analysis.similarity",
       description="Block x block cosine similarity of a checkpoint's layer stack, per kind.")
-  p.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ or a step dir")
-  p.add_argument("--step", type=int, default=None, help="default: the newest readable one")
+  cli.add_checkpoint_args(p)
   p.add_argument("--block_size", type=int, default=None, help="default: the run's (gin config)")
   p.add_argument("--after_growth", action="store_true",
                  help="apply the run's growth operator first (for 'before_growth' checkpoints)")

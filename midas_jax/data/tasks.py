@@ -7,6 +7,7 @@ training examples later, so any Task can be trained with any objective.
     midas_builtin                       the built-in corpus (always available, offline)
     @midas_jax.data.text_files_task()   your text files (one document per line, or per file)
     @midas_jax.data.tfds_task()         any TFDS dataset with a text feature, e.g. c4/en
+    @midas_jax.data.hf_dataset_task()   a Hugging Face `datasets` dataset (parquet, arrow, JSON...)
     @midas_jax.data.mixture()           a seqio Mixture of any of these, with rates
 
 The register functions return the name, so gin can bind `MIXTURE_OR_TASK_NAME` to a call.
@@ -19,13 +20,16 @@ from __future__ import annotations
 import functools
 import glob
 import importlib
+import logging
 import os
+import zlib
 from typing import Optional, Sequence
 
 import gin
 
 from midas_jax.data import corpus
 
+log = logging.getLogger("midas_jax")
 BUILTIN_TASK = "midas_builtin"
 DEFAULT_EXTRA_IDS = 100  # the lowest 3 are UL2's mode tokens, the rest sentinels
 BUILTIN_VALIDATION_FRACTION = 0.02
@@ -153,6 +157,7 @@ def text_files_task(name: str = gin.REQUIRED, files=gin.REQUIRED, unit: str = "l
   if not 0.0 <= validation_fraction < 1.0:
     raise DataError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
   _check_globs(files + val_files, local=unit == "file")
+  _warn_if_binary(files + val_files, local=unit == "file")
   definition = ("text_files", tuple(map(str, files)), unit, tuple(map(str, val_files)),
                 float(validation_fraction), _vocab_key(vocab))
 
@@ -204,13 +209,30 @@ def _hash_split_text_line_source(seqio):
 def _check_globs(patterns, local: bool = False) -> None:
   """Each pattern must match a file: as unit='file' reads them (Python glob, `**` allowed), or
   as seqio.TextLineDataSource does (tf.io.gfile.glob: local or gs://, no `**`)."""
-  tf = _tf()
   for p in patterns:
-    matches = ([f for f in glob.glob(str(p), recursive=True) if os.path.isfile(f)] if local
-               else tf.io.gfile.glob(str(p)))
-    if not matches:
+    if not _matches(p, local):
       raise DataError(f"No file matches {str(p)!r} (cwd: {os.getcwd()}); check the path or glob "
                       "in text_files_task.files / validation_files.")
+
+
+def _matches(pattern, local: bool) -> list[str]:
+  return ([f for f in glob.glob(str(pattern), recursive=True) if os.path.isfile(f)] if local
+          else _tf().io.gfile.glob(str(pattern)))
+
+
+def _warn_if_binary(patterns, local: bool, max_files: int = 20) -> None:
+  """Warn about files whose first 8 KB hold a NUL byte or invalid UTF-8: they are not text,
+  yet would train without complaint (read as bytes, or as U+FFFD)."""
+  for path in [f for p in patterns for f in _matches(p, local)][:max_files]:
+    with _tf().io.gfile.GFile(path, "rb") as f:
+      head = f.read(8192)
+    try:
+      binary = "\0" in head.decode("utf-8")
+    except UnicodeDecodeError as e:
+      binary = e.start < len(head) - 3  # not just a character cut by the 8 KB limit
+    if binary:
+      log.warning("%s does not look like text (NUL bytes or invalid UTF-8); check "
+                  "text_files_task.files: it trains on it anyway.", path)
 
 
 @gin.configurable(module="midas_jax.data")
@@ -232,6 +254,69 @@ def tfds_task(name: str = gin.REQUIRED, tfds_name: str = gin.REQUIRED, text_key:
     source = seqio.TfdsDataSource(tfds_name, splits=splits, tfds_data_dir=data_dir,
                                   read_only=True)
     return _document_task(seqio, name, source, vocab, text_key=text_key)
+  return _register(name, definition, make)
+
+
+@gin.configurable(module="midas_jax.data")
+def hf_dataset_task(name: str = gin.REQUIRED, path: str = gin.REQUIRED, text_key: str = "text",
+                    data_files=None, config_name: Optional[str] = None,
+                    splits: Optional[dict] = None, validation_fraction: float = 0.02,
+                    vocab=None) -> str:
+  """Register a Task over a Hugging Face `datasets` dataset's `text_key` column; return its name.
+
+  `path`, `config_name` and `data_files` go to `datasets.load_dataset`: a file builder
+  (`'parquet'`, `'arrow'`, `'json'`, `'csv'`, `'text'`) with `data_files` (a glob, a list, or
+  `{split: globs}`), a local dataset directory, or a hub name (from the HF cache; from the hub
+  only when online). `splits` maps our split names to the dataset's (default `train` and
+  `validation`); without the validation split, a stable hash of each text sends
+  `validation_fraction` of the train split there. Rows stream in the dataset's order, so
+  seqio's seeded shuffle, per-host sharding and resumption work as for the other sources.
+  """
+  vocab = vocab if vocab is not None else vocabulary()
+  splits = dict(splits or {"train": "train", "validation": "validation"})
+  if not 0.0 <= validation_fraction < 1.0:
+    raise DataError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+  files = data_files if isinstance(data_files, dict) else {"*": data_files}
+  local = [f for v in files.values() if v for f in ([v] if isinstance(v, str) else v)
+           if "://" not in str(f)]
+  _check_globs(local, local=True)
+  definition = ("hf_dataset", path, config_name, repr(data_files), text_key,
+                tuple(sorted(splits.items())), float(validation_fraction), _vocab_key(vocab))
+
+  def make(seqio):
+    loaded = {}  # the DatasetDict, loaded on the first read rather than at registration
+
+    def rows(split):
+      """(this split's HF dataset, whether its rows are cut by hash from the train split)."""
+      if not loaded:
+        import datasets  # pylint: disable=import-outside-toplevel  (lazy: only this source)
+        loaded.update(datasets.load_dataset(path, name=config_name, data_files=data_files))
+      hashed = split in ("train", "validation") and splits["validation"] not in loaded
+      hf_split = splits["train"] if hashed else splits[split]
+      if hf_split not in loaded:
+        raise DataError(f"hf_dataset_task {name!r}: {path} has no split {hf_split!r} (it has "
+                        f"{sorted(loaded)}); map our split names to its with `splits`.")
+      if text_key not in loaded[hf_split].column_names:
+        raise DataError(f"hf_dataset_task {name!r}: {path} has no column {text_key!r} (it has "
+                        f"{loaded[hf_split].column_names}); set text_key.")
+      return loaded[hf_split].select_columns([text_key]), hashed
+
+    def dataset_fn(split, shuffle_files, seed=None):
+      del shuffle_files, seed  # rows in the dataset's order; the Task shuffles examples
+      source, hashed = rows(split)
+      cut = int(validation_fraction * 10_000)
+
+      def texts():
+        for batch in source.iter(batch_size=1024):
+          for text in batch[text_key]:
+            if text and (not hashed or (zlib.crc32(text.encode("utf-8")) % 10_000 < cut)
+                         == (split == "validation")):
+              yield text
+      tf = _tf()
+      return tf.data.Dataset.from_generator(
+          texts, output_signature=tf.TensorSpec((), tf.string)).map(lambda t: {"text": t})
+    source = seqio.FunctionDataSource(dataset_fn, splits=tuple(splits))
+    return _document_task(seqio, name, source, vocab)
   return _register(name, definition, make)
 
 
@@ -277,6 +362,8 @@ def get_provider(name: str):
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError as e:
+    if BUILTIN_TASK not in seqio.TaskRegistry.names():
+      builtin_task()  # always available, so listed
     names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
     raise DataError(
         f"No seqio Task or Mixture is registered as {name!r}. Registered: {names[:20]}"

@@ -157,8 +157,6 @@ def _parse(argv: Sequence[str]) -> dict:
   conv = {"output": str, "vocab_size": int, "model_type": str, "max_sentences": int,
           "character_coverage": float, "extra_ids": int, "seed": int}
   for arg in argv:
-    if arg in ("-h", "--help"):
-      raise TokenizerError(USAGE)
     name, eq, value = arg.partition("=")
     key = name[2:] if name.startswith("--") else None
     if not eq or (key not in conv and key != "text_files"):
@@ -177,6 +175,9 @@ def _parse(argv: Sequence[str]) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  if "-h" in argv or "--help" in argv:
+    print(USAGE)
+    return 0
   try:
     opts = _parse(argv)
     extra_ids = opts.pop("extra_ids", DEFAULT_EXTRA_IDS)
