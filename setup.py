@@ -24,7 +24,14 @@ setup(
         "matplotlib>=3.8",  # evaluation and analysis plots (PNG, Agg backend)
         "seqio>=0.0.19",
         "tensorflow-datasets>=4.9.6",
+        "lm-eval>=0.4.13",  # evaluation.harness; its core needs no torch (brings datasets)
+        "safetensors>=0.4",  # HF export/import with its numpy API
     ],
-    extras_require={"test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]},
+    # tpu: libtpu for the installed jax, which also AOT-compiles for TPU slices on any machine
+    # (python -m midas_jax.aot); the tests use it, so launch/test.sh installs it.
+    extras_require={"test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                    "tpu": ["jax[tpu]"],
+                    # hf: check exports against transformers (tests/test_interop.py); ~1-6 GB
+                    "hf": ["transformers>=5", "torch>=2.1", "sentencepiece", "protobuf"]},
     entry_points={"console_scripts": ["midas-train=midas_jax.train:main"]},
 )

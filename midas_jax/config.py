@@ -16,9 +16,11 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import io
 import logging
 import os
 import re
+import tokenize
 from pathlib import Path
 
 import gin
@@ -36,7 +38,7 @@ GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 CONFIGURABLE_MODULES = (
     "midas_jax.steps", "midas_jax.train", "midas_jax.sharding", "midas_jax.data.tasks",
     "midas_jax.objectives", "midas_jax.evaluation.primitives", "midas_jax.evaluation.suite",
-    "midas_jax.experiments.compare")
+    "midas_jax.experiments.compare", "midas_jax.aot", "midas_jax.executables")
 
 
 @functools.cache
@@ -143,6 +145,16 @@ def _check_macros(bindings: list[str]) -> None:
                      f"it would have no effect.{hint}")
 
 
+def _untokenizable(bindings: list[str]) -> str | None:
+  """The first binding that Python's tokenizer (which gin uses) cannot read to its end."""
+  for b in bindings:
+    try:
+      list(tokenize.generate_tokens(io.StringIO(b).readline))
+    except tokenize.TokenError:
+      return b
+  return None
+
+
 def parse(argv: list[str]) -> list[str]:
   """Parse the command line into the global gin config; return the gin files used."""
   files, bindings, paths = parse_args(argv)
@@ -158,6 +170,9 @@ def parse(argv: list[str]) -> list[str]:
   logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+  except tokenize.TokenError as e:  # an unclosed bracket or quote
+    raise UsageError(f"Binding {_untokenizable(bindings) or files!r} does not parse: a bracket "
+                     "or quote is not closed; e.g. --gin.STAGES=\"[(2, 100), (4, 300)]\".") from e
   except (ValueError, KeyError, SyntaxError, IOError) as e:
     raise UsageError(f"Bad gin configuration: {e}") from e
   finally:
@@ -168,8 +183,19 @@ def parse(argv: list[str]) -> list[str]:
 
 def train_arg(name: str):
   """The value the parsed gin config binds to `midas_jax.train.train.<name>` (macros and
-  references resolved): lets tools (evaluate, compare) reuse a run's data and sizes."""
-  v = gin.query_parameter(f"midas_jax.train.train.{name}")
+  references resolved): lets tools (evaluate, compare, aot) reuse a run's data and sizes."""
+  return bound(f"midas_jax.train.train.{name}")
+
+
+def bound(selector: str, default=gin.REQUIRED):
+  """The value the parsed gin config binds to `selector` (`module.fn.param`), macros and
+  references resolved; `default` where it binds none (ValueError without a default)."""
+  try:
+    v = gin.query_parameter(selector)
+  except ValueError:
+    if default is gin.REQUIRED:
+      raise
+    return default
   while isinstance(v, gin.config.ConfigurableReference):
     v = (v.scoped_configurable_fn() if v.selector == "gin.macro" or v.evaluate
          else v.scoped_configurable_fn)

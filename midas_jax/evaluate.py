@@ -3,11 +3,14 @@
     python -m midas_jax.evaluate --checkpoint=runs/quickstart [--gin_file=gin/experiments/quickstart.gin]
         [--tasks=induction,var_assign_d1_math] [--shots=5] [--num_queries=200]
         [--finetune_tasks=...] [--finetune_steps=100] [--seeds=0,1,2] [--no_finetune]
+        [--lm_eval_tasks=midas_closed_book_qa,gsm8k [--lm_eval_limit=N] [--num_fewshot=K]]
 
 `--checkpoint` is a run directory, its `checkpoints/` or one step directory (`--step` picks a
 step; default the newest). Without `--gin_file` the checkpoint's own operative gin config
 describes the model, vocabulary and data; `--gin.X=V` overrides either. Writes `results.json`
-and `results.md` (a Markdown table) to `--output_dir` (default `<run>/eval/step_<N>`).
+and `results.md` (a Markdown table) to `--output_dir` (default `<run>/eval/step_<N>`);
+`--lm_eval_tasks` runs lm-evaluation-harness's own loop on the checkpoint
+(`evaluation.harness`) and writes its results JSON beside ours as `lm_eval.json`.
 """
 
 from __future__ import annotations
@@ -23,34 +26,47 @@ import jax
 import numpy as np
 from etils import epath
 
-from midas_jax import checkpoint, growth, host_memory, sharding
+from midas_jax import checkpoint, cli, growth, host_memory, sharding
 from midas_jax import config as config_lib
 from midas_jax.evaluation import fewshot, finetune, perplexity, primitives
 
 log = logging.getLogger("midas_jax")
 
 
+def _count(minimum: int):
+  """An argparse type: an integer of at least `minimum`."""
+  def parse(text):
+    if not (text.lstrip("-").isdigit() and int(text) >= minimum):
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+    return int(text)
+  return parse
+
+
 def _args(argv):
   p = argparse.ArgumentParser(prog="python -m midas_jax.evaluate", description=__doc__.split("\n")[0],
                               epilog="Other arguments (--gin_file, --gin.X=V, --gin_bindings, "
                               "--gin_search_paths) configure the model, vocabulary and data.")
-  p.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ or a step dir")
-  p.add_argument("--step", type=int, default=None)
+  cli.add_checkpoint_args(p)
   p.add_argument("--tasks", default=",".join(primitives.PRIMITIVES),
                  help="comma-separated primitives for few-shot accuracy")
-  p.add_argument("--shots", type=int, default=5)
-  p.add_argument("--num_queries", type=int, default=200)
+  p.add_argument("--shots", type=_count(0), default=5)
+  p.add_argument("--num_queries", type=_count(1), default=200)
   p.add_argument("--finetune_tasks", default=None, help="default: --tasks")
-  p.add_argument("--finetune_examples", type=int, default=64)
-  p.add_argument("--finetune_steps", type=int, default=100)
+  p.add_argument("--finetune_examples", type=_count(1), default=64)
+  p.add_argument("--finetune_steps", type=_count(0), default=100)
   p.add_argument("--finetune_lr", type=float, default=1e-3)
-  p.add_argument("--finetune_eval", type=int, default=200, help="held-out queries per seed")
+  p.add_argument("--finetune_eval", type=_count(1), default=200, help="held-out queries per seed")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--no_finetune", action="store_true")
-  p.add_argument("--val_batches", type=int, default=20, help="0 skips validation loss")
-  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--val_batches", type=_count(0), default=20, help="0 skips validation loss")
+  p.add_argument("--batch_size", type=_count(1), default=64)
   p.add_argument("--seed", type=int, default=0, help="seed of the few-shot query sets")
   p.add_argument("--output_dir", default=None)
+  p.add_argument("--lm_eval_tasks", default=None,
+                 help="comma-separated lm-eval tasks/groups, e.g. midas_closed_book_qa,gsm8k")
+  p.add_argument("--lm_eval_limit", type=float, default=None, help="examples per task")
+  p.add_argument("--num_fewshot", type=int, default=None, help="lm-eval's shots (its default)")
+  p.add_argument("--lm_eval_include_path", default=None, help="dirs of more task YAMLs")
   args, rest = p.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith("--gin")]
   if bad:
@@ -146,6 +162,12 @@ def evaluate(args, gin_argv) -> dict:
     results["validation"] = perplexity.validation_loss(
         params, model, val_ds, config_lib.train_arg("batch_size"), args.val_batches, mesh, rules)
     results["validation"]["seconds"] = time.perf_counter() - t
+  if args.lm_eval_tasks:
+    from midas_jax.evaluation import harness  # pylint: disable=import-outside-toplevel
+    results["lm_eval"] = harness.evaluate_for_cli(
+        params, model, codec_, mesh, rules, tasks=args.lm_eval_tasks, limit=args.lm_eval_limit,
+        num_fewshot=args.num_fewshot, include_path=args.lm_eval_include_path,
+        batch_size=args.batch_size)
   results["seconds"] = time.perf_counter() - t0
   return results
 
@@ -169,8 +191,13 @@ def main(argv=None) -> int:
                 if (p / checkpoint.CHECKPOINT_SUBDIR).exists()), base)
     out = run / "eval" / f"step_{results['step']}"
   out.mkdir(parents=True, exist_ok=True)
+  lm_eval_results = results.get("lm_eval", {}).pop("results", None)
   (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
   md = markdown(results)
+  if lm_eval_results is not None:  # lm-eval's own JSON beside ours, its table in results.md
+    from midas_jax.evaluation import harness  # pylint: disable=import-outside-toplevel
+    harness.write_results(lm_eval_results, out / "lm_eval.json")
+    md += "\n" + harness.markdown(lm_eval_results)
   (out / "results.md").write_text(md)
   print(md)
   print(f"Wrote {out / 'results.json'} and {out / 'results.md'}")

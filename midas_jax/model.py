@@ -4,7 +4,8 @@ Every leaf of `params['layers']` has shape `(num_layers, ...)`, so growing the m
 is a pytree transform on the leading axis (see `growth.py`). Parameters and activations carry
 logical axis names (`sharding.py` maps them to a mesh); the model never names a mesh axis.
 
-Shape suffixes: B batch, T sequence, D model width, H heads, K head dim, F MLP width,
+Shape suffixes: B batch, T sequence, D model width, H (query) heads, KV key/value heads
+(grouped-query attention: each serves G = H / KV query heads), K head dim, F MLP width,
 V vocabulary, L layers.
 """
 
@@ -18,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 REMAT_POLICIES = ("none", "full", "minimal")
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
@@ -31,6 +33,7 @@ class ModelConfig:
   vocab_size: int = 384
   d_model: int = 256
   num_heads: int = 4
+  num_kv_heads: int | None = None  # grouped-query attention; None: num_heads (plain multi-head)
   head_dim: int = 64
   mlp_dim: int = 1024
   num_layers: int = 4
@@ -52,8 +55,20 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim", "num_layers"):
       if getattr(self, name) <= 0:
         raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
+    kv = self.num_kv_heads
+    is_int = isinstance(kv, (int, np.integer)) and not isinstance(kv, bool)
+    if kv is not None and (not is_int or kv <= 0 or self.num_heads % kv):
+      divisors = [d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]
+      raise ValueError(f"ModelConfig.num_kv_heads={kv!r} must be a positive divisor of num_heads="
+                       f"{self.num_heads} (each key/value head serves num_heads / num_kv_heads "
+                       f"query heads); use one of {divisors}, or None for num_heads.")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads: `num_kv_heads`, or `num_heads` where that is None."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   @property
   def compute_dtype(self):
@@ -66,6 +81,33 @@ class ModelConfig:
 def _param(module: nn.Module, name: str, init, shape, axes):
   """A float32 parameter whose metadata carries its logical axis names."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _gathered(w, axes, dtype):
+  """Kernel `w` (logical `axes`) in the compute dtype, unsharded along `embed` for its matmul
+  (logical 'gathered_embed'), its gradient sharded like `w` again: FSDP's pattern stated, each
+  layer's kernels all-gathered in the compute dtype and their gradients reduced back to
+  shards, rather than left to XLA's choice per matmul (docs/tpu.md measures both)."""
+  gathered = tuple("gathered_embed" if a == "embed" else a for a in axes)
+  return _gather(w.astype(dtype), gathered, tuple(axes))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(w, gathered, sharded):
+  return nn.with_logical_constraint(w, gathered)
+
+
+def _gather_fwd(w, gathered, sharded):
+  return _gather(w, gathered, sharded), None
+
+
+def _gather_bwd(gathered, sharded, _, g):
+  # Constraining the cotangent to `gathered` (what a plain constraint's transpose does) would
+  # all-reduce it; sharded, it is reduce-scattered.
+  return (nn.with_logical_constraint(g, sharded),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def _kernel_init(in_axis, out_axis):
@@ -113,54 +155,112 @@ def attention_mask(segment_ids_BxT, prefix_mask_BxT=None):
   return allowed & same_BxTxT
 
 
+def _shards(axes) -> list[int]:
+  """Into how many shards the bound rules and mesh cut each logical axis in `axes` (1 each
+  outside a mesh, e.g. on one device)."""
+  mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return [1] * len(axes)
+  names = lambda a: (a,) if isinstance(a, str) else tuple(a or ())  # noqa: E731
+  return [int(np.prod([mesh.shape[n] for n in names(a)]))
+          for a in nn.logical_to_mesh_axes(axes, rules)]
+
+
+def _constrain_fitted(x, axes):
+  """`nn.with_logical_constraint`, except that a dim whose mesh axes do not divide it is left to
+  XLA (unconstrained): e.g. KV = 2 key/value heads on a 4-way `tensor` axis, where a constraint
+  would force an uneven, padded split into 4 shards and XLA can instead keep each head on the
+  devices whose query heads read it (a partial replication a mesh-axis spec cannot name)."""
+  shards = _shards(axes)
+  if all(d % n == 0 for d, n in zip(x.shape, shards)):
+    return nn.with_logical_constraint(x, axes)
+  spec = nn.logical_to_mesh_axes(axes, nn.get_logical_axis_rules())
+  return jax.lax.with_sharding_constraint(x, P(*(
+      P.UNCONSTRAINED if d % n else a for d, n, a in zip(x.shape, shards, spec))))
+
+
 class Attention(nn.Module):
+  """Causal self-attention with rotary embeddings; grouped-query where `num_kv_heads` < heads.
+
+  Query head `h` reads key/value head `h // G` (G = H / KV), the grouping of
+  `jax.nn.dot_product_attention` and of Hugging Face's `repeat_kv`.
+  """
+
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, plain_causal: bool):
     c = self.config
-    D, H, K = c.d_model, c.num_heads, c.head_dim
+    D, H, KV, K = c.d_model, c.num_heads, c.kv_heads, c.head_dim
+    G = H // KV
     dt = c.compute_dtype
     qkv_init = _kernel_init(0, (1, 2))
-    w = {n: _param(self, n, qkv_init, (D, H, K), ("embed", "heads", "kv")) for n in "qkv"}
+    q_axes, kv_axes = ("embed", "heads", "kv"), ("embed", "kv_heads", "kv")
+    wq_DxHxK = _param(self, "q", qkv_init, (D, H, K), q_axes)
+    wk_DxKVxK, wv_DxKVxK = (_param(self, n, qkv_init, (D, KV, K), kv_axes) for n in "kv")
     wo_HxKxD = _param(self, "o", _kernel_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
     # Projections run on the N = B*T tokens as 2-D matmuls: then each weight gradient is one
     # plain matmul, where contracting over both B and T made XLA:CPU transpose the cotangent
     # first (the CPU `small` step ran 6-8% longer). Only the major axis merges, so sharding holds.
     B, T, _ = x_BxTxD.shape
     x_NxD = x_BxTxD.astype(dt).reshape(B * T, D)
-    # One matmul for q, k and v (parameters stay separate): a wider matmul runs closer to peak.
-    # Heads stay the major output axis, so tensor-parallel sharding survives the reshape.
-    w_DxHx3xK = jnp.stack([w[n] for n in "qkv"], axis=2).astype(dt)
-    qkv_NxHx3K = x_NxD @ w_DxHx3xK.reshape(D, H * 3 * K)
-    qkv_BxTxHx3xK = qkv_NxHx3K.reshape(B, T, H, 3, K)
-    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTxHx3xK[:, :, :, i] for i in range(3))
+    wq, wk, wv = (_gathered(w, a, dt) for w, a in
+                  ((wq_DxHxK, q_axes), (wk_DxKVxK, kv_axes), (wv_DxKVxK, kv_axes)))
+    heads_shards, kv_shards = _shards(("heads", "kv_heads"))
+    if G == 1 or (kv_shards == heads_shards and KV % kv_shards == 0):
+      # One matmul for q, k and v (parameters stay separate; H*K + 2*KV*K columns): a wider
+      # matmul runs closer to peak. The columns go group-major, per kv head C = G + 2 blocks
+      # [its G query heads | k | v], so heads stay the major output axis and tensor-parallel
+      # sharding survives the reshapes (G = 1 is multi-head attention's (D, H, 3, K) stack).
+      C = G + 2
+      w_DxKVxCxK = jnp.concatenate([wq.reshape(D, KV, G, K), wk[:, :, None], wv[:, :, None]], 2)
+      qkv_BxTxKVxCxK = (x_NxD @ w_DxKVxCxK.reshape(D, KV * C * K)).reshape(B, T, KV, C, K)
+      q_BxTxHxK = qkv_BxTxKVxCxK[:, :, :, :G].reshape(B, T, H, K)
+      k_BxTxKVxK, v_BxTxKVxK = qkv_BxTxKVxCxK[:, :, :, G], qkv_BxTxKVxCxK[:, :, :, G + 1]
+    else:
+      # The kv heads cannot shard like the query heads (fewer kv heads than tensor shards, so
+      # their kernels are replicated): one fused weight would mix a head-sharded q part with
+      # a replicated k/v part, which XLA lays out only by replicating it whole every step
+      # ("involuntary full rematerialization"). So q gets its own matmul; k and v share one.
+      q_BxTxHxK = (x_NxD @ wq.reshape(D, H * K)).reshape(B, T, H, K)
+      w_DxKVx2xK = jnp.stack([wk, wv], 2)
+      kv_BxTxKVx2xK = (x_NxD @ w_DxKVx2xK.reshape(D, KV * 2 * K)).reshape(B, T, KV, 2, K)
+      k_BxTxKVxK, v_BxTxKVxK = kv_BxTxKVx2xK[:, :, :, 0], kv_BxTxKVx2xK[:, :, :, 1]
     q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, c.rope_theta)
-    k_BxTxHxK = rope(k_BxTxHxK, positions_BxT, c.rope_theta)
+    k_BxTxKVxK = rope(k_BxTxKVxK, positions_BxT, c.rope_theta)
     axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    kv_act = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
     q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, axes)
-    k_BxTxHxK = nn.with_logical_constraint(k_BxTxHxK, axes)
-    v_BxTxHxK = nn.with_logical_constraint(v_BxTxHxK, axes)
+    k_BxTxKVxK = _constrain_fitted(k_BxTxKVxK, kv_act)
+    v_BxTxKVxK = _constrain_fitted(v_BxTxKVxK, kv_act)
 
     if c.attention == "xla":
-      # Heads-major (BxHxTxK) batched matmuls: several times faster than BxTxHxK on CPU.
-      # The 1/sqrt(K) scale goes on q (BxTxHxK), not on the T/K times larger scores.
-      q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = (
-          jnp.swapaxes(t, 1, 2) for t in (q_BxTxHxK * (1 / np.sqrt(K)), k_BxTxHxK, v_BxTxHxK))
-      scores_BxHxTxT = jnp.einsum("bhqk,bhtk->bhqt", q_BxHxTxK, k_BxHxTxK).astype(jnp.float32)
-      scores_BxHxTxT = jnp.where(mask_BxTxT[:, None], scores_BxHxTxT, -1e30)
-      probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(dt)
-      out_BxTxHxK = jnp.swapaxes(
-          jnp.einsum("bhqt,bhtk->bhqk", probs_BxHxTxT, v_BxHxTxK), 1, 2)
+      # Heads-major batched matmuls (several times faster than BxTxHxK on CPU), each kv head's
+      # G query heads stacked along the query axis (BxKVx(G*T)xK): GQA without repeating k/v,
+      # and with G = 1 exactly the multi-head matmuls. The 1/sqrt(K) scale goes on q, not on
+      # the T/K times larger scores.
+      q_BxKVxGTxK = jnp.transpose((q_BxTxHxK * (1 / np.sqrt(K))).reshape(B, T, KV, G, K),
+                                  (0, 2, 3, 1, 4)).reshape(B, KV, G * T, K)
+      k_BxKVxTxK, v_BxKVxTxK = (jnp.swapaxes(t, 1, 2) for t in (k_BxTxKVxK, v_BxTxKVxK))
+      scores = jnp.einsum("bhqk,bhtk->bhqt", q_BxKVxGTxK, k_BxKVxTxK).astype(jnp.float32)
+      scores_BxKVxGxTxT = jnp.where(mask_BxTxT[:, None, None],
+                                    scores.reshape(B, KV, G, T, T), -1e30)
+      probs_BxKVxGTxT = jax.nn.softmax(scores_BxKVxGxTxT, axis=-1).astype(dt).reshape(
+          B, KV, G * T, T)
+      out_BxKVxGTxK = jnp.einsum("bhqt,bhtk->bhqk", probs_BxKVxGTxT, v_BxKVxTxK)
+      out_BxTxHxK = jnp.transpose(out_BxKVxGTxK.reshape(B, KV, G, T, K),
+                                  (0, 3, 1, 2, 4)).reshape(B, T, H, K)
     else:
       # `is_causal` alone lets cuDNN use its fused causal kernel; other masks go explicitly.
+      # K/V with KV < H heads is grouped-query attention to `dot_product_attention` too.
       impl = "cudnn" if c.attention == "cudnn" else None
       mask = None if plain_causal else mask_BxTxT[:, None]
       out_BxTxHxK = jax.nn.dot_product_attention(
-          q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask, is_causal=plain_causal,
+          q_BxTxHxK, k_BxTxKVxK, v_BxTxKVxK, mask=mask, is_causal=plain_causal,
           implementation=impl)
     out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, axes)
-    out_NxD = out_BxTxHxK.reshape(B * T, H * K) @ wo_HxKxD.astype(dt).reshape(H * K, D)
+    wo_HxKxD = _gathered(wo_HxKxD, ("heads", "kv", "embed"), dt)
+    out_NxD = out_BxTxHxK.reshape(B * T, H * K) @ wo_HxKxD.reshape(H * K, D)
     return out_NxD.reshape(B, T, D)
 
 
@@ -177,12 +277,13 @@ class MLP(nn.Module):
     B, T, D = x_BxTxD.shape
     F = c.mlp_dim
     x_NxD = x_BxTxD.astype(dt).reshape(B * T, D)
-    gate_up_Nx2F = x_NxD @ jnp.concatenate([w_gate, w_up], 1).astype(dt)
+    w_gate, w_up = (_gathered(w, ("embed", "mlp"), dt) for w in (w_gate, w_up))
+    gate_up_Nx2F = x_NxD @ jnp.concatenate([w_gate, w_up], 1)
     gate_BxTxF, up_BxTxF = jnp.split(gate_up_Nx2F.reshape(B, T, 2 * F), 2, -1)
     h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     h_BxTxF = nn.with_logical_constraint(
         h_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
-    return (h_BxTxF.reshape(B * T, F) @ w_down.astype(dt)).reshape(B, T, D)
+    return (h_BxTxF.reshape(B * T, F) @ _gathered(w_down, ("mlp", "embed"), dt)).reshape(B, T, D)
 
 
 class DecoderLayer(nn.Module):
@@ -257,7 +358,8 @@ class Decoder(nn.Module):
     else:
       head_DxV = _param(self, "head", _kernel_init(0, 1), (c.d_model, c.vocab_size),
                         ("embed", "vocab"))
-    logits_BxTxV = (x_BxTxD.reshape(B * T, -1) @ head_DxV.astype(c.compute_dtype)).reshape(B, T, -1)
+    head_DxV = _gathered(head_DxV, ("embed", "vocab"), c.compute_dtype)
+    logits_BxTxV = (x_BxTxD.reshape(B * T, -1) @ head_DxV).reshape(B, T, -1)
     logits_BxTxV = nn.with_logical_constraint(
         logits_BxTxV, ("activation_batch", "activation_length", "activation_vocab"))
     return logits_BxTxV.astype(jnp.float32)
@@ -283,11 +385,13 @@ def num_params(params) -> int:
 def matmul_params(config: ModelConfig, depth: int | None = None) -> int:
   """Parameters that take part in a matmul per token: layer kernels plus the output head.
 
-  The input embedding is a lookup, not a matmul, and norm scales are negligible.
+  The input embedding is a lookup, not a matmul, and norm scales are negligible. Per layer:
+  q and o `D*H*K` each, k and v `D*KV*K` each (grouped-query), the SwiGLU MLP `3*D*F`.
   """
   L = config.num_layers if depth is None else depth
-  D, H, K, F = config.d_model, config.num_heads, config.head_dim, config.mlp_dim
-  per_layer = 4 * D * H * K + 3 * D * F
+  D, H, KV, K, F = (config.d_model, config.num_heads, config.kv_heads, config.head_dim,
+                    config.mlp_dim)
+  per_layer = 2 * D * H * K + 2 * D * KV * K + 3 * D * F
   return L * per_layer + D * config.vocab_size
 
 
@@ -296,8 +400,10 @@ def train_flops_per_token(config: ModelConfig, seq_len: int, depth: int | None =
 
   `6 * N + 12 * L * H * K * T`: N = `matmul_params` (2 FLOPs per multiply-add, x3 for the
   backward pass), plus the attention score and value matmuls (QK^T and AV: `2 * 2 * T * H * K`
-  forward per token per layer, x3 for backward). The full `TxT` square is counted, as XLA
-  computes it even under a causal mask. Remat recomputation is not counted (model FLOPs).
+  forward per token per layer, x3 for backward; grouped-query attention shares k/v between
+  query heads but still scores every query head, so this term keeps H). The full `TxT` square
+  is counted, as XLA computes it even under a causal mask. Remat recomputation is not counted
+  (model FLOPs).
   """
   L = config.num_layers if depth is None else depth
   return 6.0 * matmul_params(config, L) + 12.0 * L * config.num_heads * config.head_dim * seq_len

@@ -103,6 +103,10 @@ def explicit_schedule(stages: Sequence, num_layers: int, block_size: int) -> Sch
 def make_schedule(kind: str = "prop", total_steps: int = 1000, num_layers: int = 4,
                   block_size: int = 1, alpha: float = 1.0, stages=None) -> Schedule:
   """The trainer's schedule: explicit `stages` when given, else `prop` or `baseline`."""
+  if stages is None and (isinstance(total_steps, bool)
+                         or not isinstance(total_steps, (int, np.integer))):
+    raise ValueError(f"TRAIN_STEPS={total_steps!r} is not a whole number of steps; set e.g. "
+                     "--gin.TRAIN_STEPS=600.")
   if stages is not None:
     out = explicit_schedule(stages, num_layers, block_size)
     if total_steps is not None and total_steps != sum(s.steps for s in out):
@@ -139,6 +143,13 @@ def stage_of(schedule: Schedule, step: int) -> int:
 def is_due(step: int, every: int) -> bool:
   """Whether a periodic event (save, evaluation) every `every` steps falls on `step` (0: never)."""
   return every > 0 and step > 0 and step % every == 0
+
+
+def eval_depths(schedule: Schedule, every: int) -> set[int]:
+  """Depths at which an evaluation falls: the final one, and any with an `every` step."""
+  return {schedule[-1].depth} | {
+      st.depth for st, end in zip(schedule, stage_ends(schedule))
+      if every and (end // every) > ((end - st.steps) // every)}
 
 
 def schedule_speedup(schedule: Schedule) -> float:

@@ -26,7 +26,8 @@ import gin
 import jax
 import numpy as np
 
-from midas_jax import growth, schedule as schedule_lib, sharding, steps
+from midas_jax import executables as executables_lib, growth, schedule as schedule_lib
+from midas_jax import sharding, steps
 from midas_jax.evaluation import perplexity
 from midas_jax.executables import DepthExecutables, Executables, StepFunctions
 from midas_jax.model import ModelConfig, num_params, train_flops_per_token
@@ -57,6 +58,8 @@ class RunSpec:
   checkpoints: bool
   resume: bool
   primitive_eval: Callable | None
+  compile_cache_dir: str | None = "auto"
+  init_from_hf: str | None = None
 
   @property
   def total_steps(self) -> int:
@@ -170,6 +173,7 @@ class StageLoop:
     self.state = None
     self.step = self.depth = 0
     self.elapsed0 = 0.0  # run time before this process (resumed runs), for `elapsed_s`
+    self.metrics_rows: int | None = 0  # metrics rows the restored checkpoint had seen
     self.resumed_from = 0
     self.exes: Executables | None = None
     self.bar: Progress | None = None
@@ -193,6 +197,9 @@ class StageLoop:
     self.mesh, self.rules = sharding.make_mesh(), sharding.logical_axis_rules()
     log.info("Mesh: %s over %d devices in %d process(es)", dict(self.mesh.shape),
              self.mesh.size, self.nproc)
+    narrow = sharding.narrow_fsdp_warning(spec.model, self.mesh)
+    if narrow:
+      log.warning("%s", narrow)
     self.operative = gin.operative_config_str()  # after the configurables above have run
 
   def _target(self, depth: int):
@@ -207,20 +214,31 @@ class StageLoop:
     if restored is not None:
       self.step, meta, self.state = restored
       self.depth, self.elapsed0 = int(meta["depth"]), float(meta.get("elapsed_s", 0.0))
+      self.metrics_rows = meta.get("metrics_rows")
       log.info("Resumed from the step-%d checkpoint (stage %s, depth %d, %s) in %s", self.step,
                meta.get("stage"), self.depth, meta.get("phase"), self.ckpt.directory)
       if meta.get("gin_config") not in (None, self.operative):
         log.warning("The operative gin config differs from the checkpoint's; resuming anyway. "
-                    "The checkpoint's is in its meta.json.")
+                    "The checkpoint's is in %s.", self.ckpt.directory / str(self.step) / "meta")
     else:
       self.step, self.depth = 0, self.spec.stages[0].depth
-      model = self.spec.model.replace(num_layers=self.depth)
-      init_sh = self._target(self.depth)
-      with sharding.axis_rules_context(self.mesh, self.rules):
-        self.state = jax.jit(lambda r: steps.init_state(model, self.tx, r),
-                             out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, init_sh))(
-                                 jax.random.fold_in(self.rng, 0))
+      self.state = self._fresh_state()
     self.resumed_from = self.step
+
+  def _fresh_state(self):
+    """The step-0 state at the first stage's depth: initialised from the seed, or the params of
+    a Hugging Face Llama (`init_from_hf`, whose depth the schedule starts at) with fresh moments."""
+    init_sh = self._target(self.depth)
+    with sharding.axis_rules_context(self.mesh, self.rules):
+      if self.spec.init_from_hf:
+        from midas_jax import interop  # pylint: disable=import-outside-toplevel
+        log.info("Initialising from the Hugging Face model in %s", self.spec.init_from_hf)
+        return interop.init_state_from_hf(self.spec.init_from_hf, self.spec.model, self.tx,
+                                          self.depth, init_sh)
+      model = self.spec.model.replace(num_layers=self.depth)
+      return jax.jit(lambda r: steps.init_state(model, self.tx, r),
+                     out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, init_sh))(
+                         jax.random.fold_in(self.rng, 0))
 
   @property
   def rng(self):
@@ -243,32 +261,46 @@ class StageLoop:
              f"{num_params(steps.init_params_shapes(spec.model)):,}")
     if self.proc == 0:
       (self.run_dir / "operative_config.gin").write_text(self.operative)
+    self.writer.open(self.metrics_rows, self.step)  # drops the rows after the checkpoint
     self.writer.text(self.step, "gin/operative_config", self.operative)
     val_local = (list(self.val_ds.eval_batches(spec.batch_size, spec.eval_batches, self.proc,
                                                self.nproc)) if self.val_ds else [])
     self.val_batches = [sharding.global_batch(b, self.mesh) for b in val_local]
     batches = self.train_ds.batches(spec.batch_size, spec.seed, self.step, self.proc, self.nproc)
-    first = next(batches)
+    first = next(batches, None)
+    if first is None:
+      raise ValueError(f"The training data yields no batch ({getattr(self.train_ds, 'stats', '')})"
+                       ": its files or split are empty; point MIXTURE_OR_TASK_NAME at data with "
+                       "text in it.")
     self.exes = Executables(
         fns=self.fns, model=spec.model, tx=self.tx, lr_fn=self.lr_fn, block_size=spec.block_size,
         growth_strategy=spec.growth_strategy, opt_state_mode=spec.opt_state_mode,
         batch=sharding.global_batch(first, self.mesh),
         eval_batch=self.val_batches[0] if self.val_batches else None, mesh=self.mesh,
-        rules=self.rules, eval_depths=self._eval_depths())
+        rules=self.rules, eval_depths=schedule_lib.eval_depths(spec.stages, spec.eval_every))
     self.batches = itertools.chain([first], batches)
     self.exes.submit(spec.stages[self.first_stage].depth, jax.eval_shape(lambda: self.state))
+    self._check_final_depth_fits()
     self.bar = Progress(spec.total_steps, spec.progress, spec.log_every, initial=self.step)
+
+  def _check_final_depth_fits(self) -> None:
+    """On a device that reports its memory, compile the final depth's train step next, in the
+    background, so a run that will not fit there stops minutes in instead of stages later."""
+    limit = executables_lib.device_memory_limit()
+    final = self.spec.stages[-1].depth
+    if limit is not None and final > self.spec.stages[self.first_stage].depth:
+      log.info("Checking in the background that depth %d fits in %.2f GiB per device", final,
+               limit / 2 ** 30)
+      self.exes.submit_fit_check(final, steps.init_state_shapes(self.spec.model, self.tx), limit)
+
+  def _stop_if_final_depth_wont_fit(self) -> None:
+    problem = self.exes.fit_problem()
+    if problem:
+      raise ValueError(problem)
 
   @property
   def first_stage(self) -> int:
     return schedule_lib.stage_of(self.spec.stages, self.resumed_from)
-
-  def _eval_depths(self) -> set[int]:
-    """Depths at which an evaluation falls: the final one, and any with an `eval_every` step."""
-    every = self.spec.eval_every
-    return {self.spec.stages[-1].depth} | {
-        st.depth for st, end in zip(self.spec.stages, self.ends)
-        if every and (end // every) > ((end - st.steps) // every)}
 
   # -- one stage ---------------------------------------------------------------------------
 
@@ -308,6 +340,8 @@ class StageLoop:
       if pending is not None:
         t_prev = self._record(si, pending, fpt, t_prev)
       pending = (self.step, metrics)
+      if any(self._due(end)):  # this step's row goes in before its evaluation and save
+        t_prev, pending = self._record(si, pending, fpt, t_prev), None
       t_pause = time.perf_counter()
       preempted = self.preemption.reached(self.step)  # then `run` saves "preempted" instead
       if not preempted:
@@ -323,13 +357,21 @@ class StageLoop:
       self.stage_rows.append(self._stage_row(si, done, fpt, stage_time, ex.seconds))
     return preempted
 
-  def _periodic(self, si: int, ex: DepthExecutables, end: int) -> None:
-    """The saves and evaluations due after this step (stage ends and the run's end have
+  def _due(self, end: int) -> tuple[bool, bool]:
+    """(save, evaluate): what is due after this step (stage ends and the run's end have
     their own)."""
-    if schedule_lib.is_due(self.step, self.spec.checkpoint_every) and self.step != end:
-      self.save(si, "periodic")
-    if schedule_lib.is_due(self.step, self.spec.eval_every) and self.step != self.ends[-1]:
+    return (schedule_lib.is_due(self.step, self.spec.checkpoint_every) and self.step != end,
+            schedule_lib.is_due(self.step, self.spec.eval_every) and self.step != self.ends[-1])
+
+  def _periodic(self, si: int, ex: DepthExecutables, end: int) -> None:
+    """The evaluation and save due after this step, in that order: the checkpoint then counts
+    the evaluation's row, so a run resumed from it neither repeats nor loses that row."""
+    self._stop_if_final_depth_wont_fit()
+    save, evaluate = self._due(end)
+    if evaluate:
       self.evaluate(ex)
+    if save:
+      self.save(si, "periodic")
 
   def _record(self, si: int, pending, fpt: float, t_prev: float) -> float:
     """Fetch an already dispatched step's metrics, stop on a non-finite loss, log them."""
@@ -365,7 +407,7 @@ class StageLoop:
     return {"step": self.step, "stage": si + 1, "depth": self.depth, "phase": phase,
             "data_position": self.step, "seed": self.spec.seed, "num_data_shards": self.nproc,
             "schedule": [[st.depth, st.steps] for st in self.spec.stages],
-            "gin_config": self.operative,
+            "gin_config": self.operative, "metrics_rows": self.writer.rows,
             "elapsed_s": self.elapsed0 + time.perf_counter() - self.t_start}
 
   def save(self, si: int, phase: str) -> None:
@@ -373,6 +415,7 @@ class StageLoop:
     if self.ckpt is None:
       return
     t = time.perf_counter()
+    self.writer.flush()  # the rows the checkpoint counts are in the files before it commits
     if self.ckpt.save(self.step, self.state, self.meta(si, phase), force=True) and \
         phase != "periodic":
       self.bar.write(f"Checkpoint at step {self.step} ({phase}, depth {self.depth})")
@@ -417,6 +460,7 @@ class StageLoop:
     for si in range(self.first_stage, len(stages)):
       ex, waited = self.exes.get(stages[si].depth)
       self.timers.compile += waited
+      self._stop_if_final_depth_wont_fit()  # checked before this depth compiled, so done
       if si + 1 < len(stages):  # compile the next stage while this one trains
         self.exes.submit(stages[si + 1].depth, ex.state_spec)
       self.grow_into(si, ex, waited)
@@ -431,7 +475,7 @@ class StageLoop:
   def finish(self, ex: DepthExecutables | None, preempted: bool) -> dict:
     """Wait for the last save, evaluate (unless preempted), plot, write the summary."""
     self.bar.close()
-    self.exes.close()
+    self.exes.close(wait=not preempted)  # a compile of the next depth is not waited for
     t = time.perf_counter()
     if self.ckpt is not None:
       self.ckpt.wait()  # the last save is on disk before the summary says so

@@ -15,6 +15,7 @@ if __name__ == "__main__":  # registers this module's gin names once, as `midas_
   cli.run_module("midas_jax.train")
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Callable
 import gin
 import jax
 
-from midas_jax import checkpoint, cli, growth, run_dir as run_dir_lib
+from midas_jax import checkpoint, cli, compile_cache, growth, run_dir as run_dir_lib
 from midas_jax import schedule as schedule_lib, sharding
 from midas_jax import config as config_lib
 from midas_jax.metrics import MetricWriter
@@ -45,13 +46,15 @@ def train(*, model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
           eval_every: int = 0, eval_batches: int = 4, progress: str = "auto",
           datasets_fn: Callable = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
           async_checkpoints: bool = True, checkpoints: bool = True, resume: bool = True,
-          primitive_eval: Callable | None = None) -> dict:
+          primitive_eval: Callable | None = None, compile_cache_dir: str | None = "auto",
+          init_from_hf: str | None = None) -> dict:
   """Run every stage of `stages` (resuming from `model_dir`'s checkpoints); return the summary.
 
   Args:
-    model_dir: run directory (local or gs://). If it holds checkpoints the run resumes from
-      the newest readable one; if it holds a run without checkpoints a fresh sibling `-N` is
-      used instead.
+    model_dir: run directory (local or gs://; a local one is locked while the run trains). A
+      rerun continues the run there wherever it stopped (from the newest checkpoint that
+      verifies, or from the start); only a finished run without checkpoints makes a new one
+      move on to a sibling `-N` (docs/runs.md).
     model: the final-depth model; stage `i` trains `model.replace(num_layers=stages[i].depth)`.
     stages: the schedule, a sequence of `Stage(depth, steps)` (see `schedule.make_schedule`).
     block_size: layers added per growth; a boundary that adds `j` blocks grows `j` times.
@@ -65,7 +68,12 @@ def train(*, model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
     primitive_eval: with each validation loss, also `primitive_eval(params, config, mesh,
       rules) -> {name: accuracy}` (e.g. `evaluation.PrimitiveEval`), logged as `eval/<name>`;
       the end of the run draws `accuracy_vs_val_loss.png` from these rows.
-    resume: resume from `model_dir`'s checkpoints (False: never; a fresh directory is used).
+    resume: continue the run in `model_dir` (False: never; the first of `model_dir` and its
+      `-N` siblings that holds no run is used).
+    compile_cache_dir: JAX's persistent compilation cache (`compile_cache.directory_for`):
+      `auto` is `compile_cache/` beside `model_dir`, None turns it off.
+    init_from_hf: a Hugging Face Llama directory whose weights start the run (`interop`): the
+      schedule's first stage must have the imported depth, which MIDAS then grows.
 
   Returns:
     The summary written to `summary.json`, plus `state` (the final TrainState) and `spec` (the
@@ -84,8 +92,16 @@ def train(*, model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
       eval_batches=eval_batches, progress=progress, datasets_fn=datasets_fn,
       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
       async_checkpoints=async_checkpoints, checkpoints=checkpoints, resume=resume,
-      primitive_eval=primitive_eval))
+      primitive_eval=primitive_eval, compile_cache_dir=compile_cache_dir,
+      init_from_hf=init_from_hf))
   return _run_in_dir(spec, t_start)
+
+
+def validated_spec(**kwargs) -> RunSpec:
+  """A validated `RunSpec` from `train`'s arguments, its defaults for those not given (for
+  tools that build what a run would train without training it, such as `midas_jax.aot`)."""
+  defaults = {n: p.default for n, p in inspect.signature(train).parameters.items()}
+  return _validated(RunSpec(**{**defaults, **kwargs}))
 
 
 def _validated(spec: RunSpec) -> RunSpec:
@@ -110,9 +126,19 @@ def _validated(spec: RunSpec) -> RunSpec:
 
 
 def _run_in_dir(spec: RunSpec, t_start: float) -> dict:
+  """Run in the directory `run_dir.choose` picks, holding its lock until the run ends."""
+  run_dir, lock = run_dir_lib.choose(spec.model_dir, spec.resume)
+  try:
+    return _run_there(spec, run_dir, t_start)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_there(spec: RunSpec, run_dir, t_start: float) -> dict:
   """Open the run directory's log, metrics, checkpoints and SIGTERM handler; run; close them."""
   is_main = jax.process_index() == 0
-  run_dir = run_dir_lib.choose(spec.model_dir, spec.resume)
+  compile_cache.enable(compile_cache.directory_for(spec.model_dir, spec.compile_cache_dir))
   file_log = None
   if is_main and "://" not in str(run_dir):
     file_log = logging.FileHandler(os.fspath(run_dir / "train.log"))
@@ -149,4 +175,6 @@ def _summary_json(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-  return cli.run_cli(_parse_and_train, _summary_json, argv)
+  """The command line; exits `cli.PREEMPTED` when SIGTERM stopped the run (rerun to resume)."""
+  return cli.run_cli(_parse_and_train, _summary_json, argv,
+                     exit_code=lambda s: cli.PREEMPTED if s["preempted"] else 0)

@@ -534,6 +534,41 @@ def test_grown_opt_state_trains(opt_states, lm_loss_and_grad, tx_name, strategy,
 
 
 # --------------------------------------------------------------------------------------------
+# Grouped-query attention: growth treats its smaller k/v kernels like any other leaf
+
+
+@pytest.mark.parametrize("strategy", ["midas", "random"])
+def test_grow_gqa_model_params_and_moments(lm_loss_and_grad, strategy):
+  gqa = CFG.replace(num_heads=4, num_kv_heads=1, head_dim=8, num_layers=4)
+  D, H, KV, K = 32, 4, 1, 8
+  params = _init(gqa, jax.random.PRNGKey(0))
+  tx = TXS["adamw"]()
+  state = _with_moments(tx.init(params), seed=3)
+  grown = _grow_jit(params, jax.random.PRNGKey(1), k=2, strategy=strategy)
+  grown_state = growth.grow_opt_state(state, 2, strategy=strategy, mode="copy")
+  attn = grown["layers"]["attn"]
+  assert attn["k"].shape == attn["v"].shape == (6, D, KV, K)
+  assert attn["q"].shape == (6, D, H, K) and attn["o"].shape == (6, H, K, D)
+  sources = _expected_sources(4, 2, strategy)
+  assert sources == ([0, 1, 0, 1, 2, 3] if strategy == "midas" else [0, 1, 2, 3, None, None])
+  new_block = _new_block(4, 2, strategy)
+  _assert_layers_follow(grown, params, sources)
+  adam, new_adam = _adam_state(state), _adam_state(grown_state)
+  _assert_same_shapes(grown_state, tx.init(grown))
+  assert new_adam.mu["layers"]["attn"]["k"].shape == (6, D, KV, K)
+  for old_tree, new_tree in ((adam.mu, new_adam.mu), (adam.nu, new_adam.nu)):
+    _assert_layers_follow(new_tree, old_tree, sources)  # `random`'s fresh block: zero moments
+    assert (not np.any(np.asarray(new_tree["layers"]["attn"]["k"])[new_block])) == (
+        strategy == "random")
+  # The grown GQA model trains: one step moves the inserted block's k kernel.
+  loss, grads = lm_loss_and_grad(grown, gqa.replace(num_layers=6), TOKENS)
+  assert np.isfinite(float(loss)) and grads["layers"]["attn"]["k"].shape == (6, D, KV, K)
+  stepped, _ = _optax_step(tx, grads, grown_state, grown)
+  assert not np.array_equal(np.asarray(stepped["layers"]["attn"]["k"])[new_block],
+                            np.asarray(grown["layers"]["attn"]["k"])[new_block])
+
+
+# --------------------------------------------------------------------------------------------
 # Bad inputs
 
 

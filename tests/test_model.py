@@ -1,5 +1,6 @@
 """The scanned decoder: shapes, masks, numerics, parameter layout and FLOP counts."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,9 @@ pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
 CFG = model.ModelConfig(vocab_size=64, d_model=32, num_heads=2, head_dim=16, mlp_dim=64,
                         num_layers=2)
 B, T = 2, 12
-LOGICAL_NAMES = {"layers", "embed", "mlp", "heads", "kv", "vocab"}
+LOGICAL_NAMES = {"layers", "embed", "mlp", "heads", "kv_heads", "kv", "vocab"}
+# Grouped-query: 4 query heads share 2 key/value heads (G = 2); same width as CFG.
+GQA = CFG.replace(num_heads=4, num_kv_heads=2, head_dim=8)
 
 _init = jax.jit(model.init_params, static_argnums=(0, 2))
 
@@ -107,6 +110,7 @@ def test_logical_axes_name_every_param(params):
     assert list(spec).count("layers") == int(in_layers), (path, spec)
   assert axes["embedding"] == PartitionSpec("vocab", "embed")
   assert axes["layers"]["attn"]["q"] == PartitionSpec("layers", "embed", "heads", "kv")
+  assert axes["layers"]["attn"]["k"] == PartitionSpec("layers", "embed", "kv_heads", "kv")
   assert axes["layers"]["attn"]["o"] == PartitionSpec("layers", "heads", "kv", "embed")
   assert axes["layers"]["mlp"]["down"] == PartitionSpec("layers", "mlp", "embed")
   untied = model.logical_axes(CFG.replace(tie_embeddings=False))
@@ -252,6 +256,110 @@ def test_dot_product_matches_xla(params, tokens, inputs):
 
 
 # --------------------------------------------------------------------------------------------
+# Grouped-query attention
+
+
+@pytest.fixture(scope="module")
+def gqa_params():
+  return _init(GQA, jax.random.PRNGKey(3))
+
+
+def test_gqa_params_layout_and_axes(gqa_params):
+  D, H, KV, K, L = 32, 4, 2, 8, 2
+  attn = jax.tree_util.tree_map(lambda x: x.shape, gqa_params["layers"]["attn"])
+  assert attn == {"q": (L, D, H, K), "k": (L, D, KV, K), "v": (L, D, KV, K), "o": (L, H, K, D)}
+  axes = model.logical_axes(GQA)["layers"]["attn"]
+  assert axes["k"] == axes["v"] == PartitionSpec("layers", "embed", "kv_heads", "kv")
+  assert axes["q"] == PartitionSpec("layers", "embed", "heads", "kv")
+  assert GQA.kv_heads == 2 and CFG.kv_heads == CFG.num_heads == 2
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_num_kv_heads_equal_to_heads_is_the_default_model(params, tokens, attention):
+  config = CFG.replace(attention=attention)
+  explicit = config.replace(num_kv_heads=CFG.num_heads)
+  assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
+      jnp.shape, jax.eval_shape(lambda: model.init_params(explicit, jax.random.PRNGKey(0))))
+  seg, pos = _packed_inputs()
+  for kw in ({}, dict(segment_ids_BxT=seg, positions_BxT=pos)):
+    assert np.array_equal(_apply(params, tokens, explicit, **kw),
+                          _apply(params, tokens, config, **kw))
+
+
+def _repeated_kv(params, G):
+  """`params` with every k/v kernel's heads repeated G times (kv head g -> query heads g*G..):
+  the multi-head model that computes what the grouped-query one does."""
+  attn = dict(params["layers"]["attn"])
+  for n in "kv":
+    attn[n] = jnp.repeat(attn[n], G, axis=2)
+  return dict(params, layers=dict(params["layers"], attn=attn))
+
+
+def _reference_attention(q_BxTxHxK, k_BxTxKVxK, v_BxTxKVxK, mask_BxTxT):
+  """Plain numpy softmax attention with k/v heads repeated to the query heads."""
+  G = q_BxTxHxK.shape[2] // k_BxTxKVxK.shape[2]
+  k, v = (np.repeat(np.asarray(t, np.float64), G, axis=2) for t in (k_BxTxKVxK, v_BxTxKVxK))
+  scores = np.einsum("bqhk,bthk->bhqt", np.asarray(q_BxTxHxK, np.float64), k) / np.sqrt(
+      q_BxTxHxK.shape[-1])
+  scores = np.where(np.asarray(mask_BxTxT)[:, None], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  return np.einsum("bhqt,bthk->bqhk", probs / probs.sum(-1, keepdims=True), v)
+
+
+def _qkv(p, x_BxTxD, positions_BxT, config):
+  """q, k, v from an attention module's kernels, in numpy, q and k rotated."""
+  q, k, v = (np.einsum("btd,dhk->bthk", np.asarray(x_BxTxD), np.asarray(p[n])) for n in "qkv")
+  rot = [np.asarray(model.rope(jnp.asarray(t), positions_BxT, config.rope_theta)) for t in (q, k)]
+  return rot[0], rot[1], v
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("kv_heads", [2, 1])  # grouped-query and multi-query
+def test_gqa_equals_a_reference_that_repeats_kv_heads(tokens, attention, kv_heads):
+  config = GQA.replace(attention=attention, num_kv_heads=kv_heads)
+  G, D, K = config.num_heads // kv_heads, config.d_model, config.head_dim
+  seg, pos = _packed_inputs()
+  prefix = jnp.asarray(np.array([[1] * 3 + [0] * 2 + [1] * 4 + [0] * 3] * B, np.int32))
+  # The attention layer against numpy with k/v repeated: causal, packed, packed + prefix-LM.
+  x = jax.random.normal(jax.random.PRNGKey(4), (B, T, D))
+  attn = model.Attention(config)
+  variables = nn.unbox(attn.init(jax.random.PRNGKey(5), x, pos, model.attention_mask(seg), False))
+  p = variables["params"]
+  assert p["k"].shape == p["v"].shape == (D, kv_heads, K)
+  q, k, v = _qkv(p, x, pos, config)
+  for mask, plain in ((model.attention_mask(jnp.ones((B, T), jnp.int32)), True),
+                      (model.attention_mask(seg), False),
+                      (model.attention_mask(seg, prefix), False)):
+    want = _reference_attention(q, k, v, mask).reshape(B * T, -1) @ np.asarray(
+        p["o"]).reshape(-1, D)
+    out = np.asarray(attn.apply(variables, x, pos, mask, plain)).reshape(B * T, D)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=0)
+  # The whole model: the logits of the multi-head model whose k/v kernels repeat each kv
+  # head for its G query heads (Hugging Face's `repeat_kv` order: query head h reads h // G).
+  params = _init(config, jax.random.PRNGKey(6))
+  mha = config.replace(num_kv_heads=None)
+  for kw in ({}, dict(segment_ids_BxT=seg, positions_BxT=pos)):
+    np.testing.assert_allclose(_apply(params, tokens, config, **kw),
+                               _apply(_repeated_kv(params, G), tokens, mha, **kw),
+                               atol=1e-5, rtol=0)
+  if kv_heads > 1:  # the other order (query head h reads h % KV) is a different model
+    tiled = {n: jnp.tile(params["layers"]["attn"][n], (1, 1, G, 1)) for n in "kv"}
+    other = dict(params, layers=dict(params["layers"], attn=dict(params["layers"]["attn"],
+                                                                 **tiled)))
+    assert _max_diff(_apply(other, tokens, mha), _apply(params, tokens, config)) > 1e-4
+
+
+def test_gqa_cudnn_reaches_the_cudnn_kernel(gqa_params, tokens):
+  forward = lambda c: jax.make_jaxpr(  # noqa: E731
+      lambda p, t: model.Decoder(c).apply({"params": p}, t))(gqa_params, tokens)
+  if jax.default_backend() == "gpu":
+    pytest.skip("off a GPU JAX refuses the cuDNN request, which is what this checks")
+  # Past dot_product_attention's GQA shape checks (a ValueError) to the cuDNN dispatch.
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    forward(GQA.replace(attention="cudnn"))
+
+
+# --------------------------------------------------------------------------------------------
 # Numerics: remat, bfloat16, tied embeddings
 
 
@@ -339,6 +447,14 @@ def test_matmul_params_matches_actual_param_counts():
   # `depth` overrides num_layers; tying does not change the matmul count (the head is a matmul).
   assert model.matmul_params(config, depth=1) == (4 * D * H * K + 3 * D * F) + D * V
   assert model.matmul_params(config.replace(tie_embeddings=True)) == expected
+  # Grouped-query: k and v are D*KV*K each.
+  gqa = config.replace(num_heads=4, num_kv_heads=1, head_dim=8)
+  shapes = jax.eval_shape(lambda: model.init_params(gqa, jax.random.PRNGKey(0)))
+  kernels = sum(int(np.prod(x.shape))
+                for path, x in jax.tree_util.tree_flatten_with_path(shapes["layers"])[0]
+                if "scale" not in jax.tree_util.keystr(path))
+  assert model.matmul_params(gqa) == kernels + D * V == 3 * (
+      2 * D * 4 * 8 + 2 * D * 1 * 8 + 3 * D * F) + D * V
 
 
 @pytest.mark.parametrize("seq_len", [16, 1024])
@@ -352,6 +468,10 @@ def test_train_flops_per_token_hand_computation(seq_len):
   assert model.train_flops_per_token(config, seq_len) == expected
   n2 = 2 * (4 * D * H * K + 3 * D * F) + D * V
   assert model.train_flops_per_token(config, seq_len, depth=2) == 6 * n2 + 12 * 2 * H * K * seq_len
+  # MQA: one kv head; the attention term still scores all H query heads.
+  mqa = config.replace(num_kv_heads=1)
+  n_mqa = L * (2 * D * H * K + 2 * D * K + 3 * D * F) + D * V
+  assert model.train_flops_per_token(mqa, seq_len) == 6 * n_mqa + 12 * L * H * K * seq_len
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +481,8 @@ def test_train_flops_per_token_hand_computation(seq_len):
 @pytest.mark.parametrize("field,value", [
     ("remat", "foo"), ("attention", "foo"), ("dtype", "float16"), ("head_dim", 15),
     ("vocab_size", 0), ("d_model", 0), ("num_heads", 0), ("head_dim", 0), ("mlp_dim", 0),
-    ("num_layers", 0), ("num_layers", -1),
+    ("num_layers", 0), ("num_layers", -1), ("num_kv_heads", 3), ("num_kv_heads", 0),
+    ("num_kv_heads", 1.0),
 ])
 def test_config_rejects_invalid_values(field, value):
   with pytest.raises(ValueError) as info:

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("fast_xla_compiles")
 CFG = model.ModelConfig(vocab_size=64, d_model=32, num_heads=4, head_dim=8, mlp_dim=64,
                         num_layers=2)
 MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
+GQA = CFG.replace(num_kv_heads=2)  # 4 query heads, 2 key/value heads
 
 
 def _mesh(shape):
@@ -39,8 +40,8 @@ def _batch(seed=0, B=8, T=16):
 TX = train.make_optimizer()
 
 
-def _init_state():
-  params = model.init_params(CFG, jax.random.PRNGKey(0))
+def _init_state(config=CFG):
+  params = model.init_params(config, jax.random.PRNGKey(0))
   return train.TrainState(jnp.zeros((), jnp.int32), params, TX.init(params))
 
 
@@ -115,19 +116,22 @@ def _activation_names(monkeypatch):
   monkeypatch.setattr(nn, "with_logical_constraint", record)
   tokens = jnp.zeros((2, 8), jnp.int32)
   for kw in ({}, {"segment_ids_BxT": jnp.ones((2, 8), jnp.int32)}):
-    jax.eval_shape(functools.partial(model.Decoder(CFG).init, **kw), jax.random.PRNGKey(0), tokens)
+    for config in (CFG, GQA):
+      jax.eval_shape(functools.partial(model.Decoder(config).init, **kw), jax.random.PRNGKey(0),
+                     tokens)
   return seen
 
 
 def test_rules_cover_every_logical_name(monkeypatch):
   rules = dict(sharding.logical_axis_rules())
   param_names = {n for spec in jax.tree_util.tree_leaves(
-      model.logical_axes(CFG.replace(tie_embeddings=False)), is_leaf=lambda x: isinstance(x, P))
+      model.logical_axes(GQA.replace(tie_embeddings=False)), is_leaf=lambda x: isinstance(x, P))
                  for n in spec if n is not None}
   act_names = _activation_names(monkeypatch)
-  assert param_names == {"vocab", "embed", "layers", "heads", "kv", "mlp"}
+  assert param_names == {"vocab", "embed", "layers", "heads", "kv_heads", "kv", "mlp"}
   assert act_names >= {"activation_batch", "activation_length", "activation_embed",
-                       "activation_heads", "activation_kv", "activation_mlp", "activation_vocab"}
+                       "activation_heads", "activation_kv_heads", "activation_kv",
+                       "activation_mlp", "activation_vocab"}
   assert (param_names | act_names) <= set(rules)
   assert rules["layers"] is None  # growth slices along it: it must stay local
   for axes in rules.values():
@@ -179,6 +183,47 @@ def test_indivisible_dims_fall_back_to_replicated():
   params = jax.device_put(jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), shapes),
                           shardings)
   assert params["embedding"].sharding.spec == P(None, "fsdp")
+
+
+def test_gqa_kv_heads_shard_on_tensor_where_it_divides_them():
+  # tensor = 2 divides the 2 kv heads: k/v shard like q. tensor = 4 does not: `_fit_spec` cuts
+  # the axis, k/v (and their moments) are replicated over it, q and o stay head-sharded.
+  for shape, kv_spec in (((2, 2, 2), P(None, "fsdp", "tensor", None)),
+                         ((1, 2, 4), P(None, "fsdp", None, None))):
+    mesh = _mesh(shape)
+    specs = _specs(sharding.param_shardings(GQA, mesh))["layers"]["attn"]
+    assert specs["k"] == specs["v"] == kv_spec, shape
+    assert specs["q"] == P(None, "fsdp", "tensor", None) and specs["o"] == P(
+        None, "tensor", None, "fsdp")
+    state = jax.eval_shape(lambda: _init_state(GQA))
+    adam = sharding.state_shardings(state, GQA, TX, mesh).opt_state.inner_state[1][0]
+    assert _specs(adam.mu)["layers"]["attn"]["k"] == kv_spec
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)], ids=["kv_divisible", "kv_replicated"])
+def test_gqa_sharded_train_step_matches_single_device(shape):
+  state0 = jax.device_get(jax.jit(lambda: _init_state(GQA))())
+  step = functools.partial(train.train_step, config=GQA, tx=TX, lr_fn=lambda step: 3e-3)
+  single, want = jax.jit(step), []
+  state = state0
+  for i in range(2):
+    state, metrics = single(state, _batch(i))
+    want.append(float(metrics["loss"]))
+  mesh = _mesh(shape)
+  state_sh = sharding.state_shardings(jax.eval_shape(lambda: state0), GQA, TX, mesh)
+  with sharding.axis_rules_context(mesh):
+    lowered = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_sh, NamedSharding(mesh, P()))).lower(
+                          state0, sharding.global_batch(_batch(), mesh))
+  # Where tensor does not divide the kv heads, their activations' head dim is left to XLA
+  # (Shardy writes an unconstrained dim as `?`) instead of being padded to 4 shards.
+  assert ("{?}" in lowered.as_text()) == (shape[2] > GQA.kv_heads)
+  compiled, sharded, losses = lowered.compile(), jax.device_put(state0, state_sh), []
+  for i in range(2):
+    sharded, metrics = compiled(sharded, sharding.global_batch(_batch(i), mesh))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses, want, rtol=1e-5)
+  _assert_close(sharded.params, state.params, rel=1e-4)
 
 
 def test_opt_state_shardings_follow_params():
