@@ -28,7 +28,6 @@ if __name__ == "__main__":  # parse gin names once, as `midas_jax.export`
 import argparse
 import json
 import shutil
-import sys
 import time
 
 from etils import epath
@@ -141,18 +140,16 @@ def _args(argv):
   return args, rest
 
 
+def _run(argv) -> dict:
+  args, gin_argv = _args(argv)
+  return export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, gin_argv=gin_argv)
+
+
+def _report(r: dict) -> str:
+  return (f"Exported step {r['step']} (depth {r['depth']}, {r['dtype']}) to {r['out']} in "
+          f"{r['seconds']:.1f} s: {', '.join(r['files'])}")
+
+
 def main(argv=None) -> int:
-  from midas_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  from midas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  args, gin_argv = _args(sys.argv[1:] if argv is None else argv)
-  try:
-    r = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, gin_argv=gin_argv)
-  except config_lib.UsageError as e:
-    print(e, file=sys.stderr)
-    return 2
-  except (checkpoint_lib.CheckpointError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"Exported step {r['step']} (depth {r['depth']}, {r['dtype']}) to {r['out']} in "
-        f"{r['seconds']:.1f} s: {', '.join(r['files'])}")
-  return 0
+  """One line for a bad checkpoint or gin setting (exit 1, 2 for usage), as every CLI here."""
+  return cli.run_cli(_run, _report, argv)
