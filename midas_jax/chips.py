@@ -123,8 +123,6 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=name,
                                         num_slices=num_slices, **kwargs)
   except Exception as e:  # pylint: disable=broad-except
-    if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "not" in str(e).lower():
-      raise ValueError(f"Cannot describe TPU slice {name} ({e}); install libtpu with "
-                       "pip install -e '.[tpu]'.") from e
-    raise ValueError(f"Cannot describe TPU slice {name} x {num_slices}: {e}") from e
+    raise ValueError(f"Cannot describe TPU slice {name} x {num_slices} ({e}); is libtpu "
+                     "installed? pip install -e '.[tpu]'") from e
   return list(desc.devices)

@@ -80,8 +80,15 @@ def _group_size(line: str) -> int:
   return 1
 
 
-def _multiplicities(text: str, instrs) -> tuple[dict[str, int], dict[str, int]]:
-  """How often each computation runs per execution, and the trip count of each while body."""
+def _targets(line: str) -> list[str]:
+  """The computations an instruction calls (bodies, conditions, fusions, branches, ...)."""
+  return _CALLS.findall(line) + [t.strip().lstrip("%") for lst in _CALL_LISTS.findall(line)
+                                 for t in lst.split(",") if t.strip()]
+
+
+def _multiplicities(text: str, instrs) -> tuple[dict[str, int], dict[str, int], dict]:
+  """How often each computation runs per execution, the trip count of each while body, and
+  the call graph (computation -> [(callee, times per call)])."""
   calls: dict[str, list[tuple[str, int]]] = {}
   cond_trips = {}
   comp_lines: dict[str, list[str]] = {}
@@ -93,8 +100,7 @@ def _multiplicities(text: str, instrs) -> tuple[dict[str, int], dict[str, int]]:
     cond_trips[comp] = max(consts) if consts else 1
   trips = {}
   for comp, _, opcode, line in instrs:
-    targets = _CALLS.findall(line) + [t.strip().lstrip("%") for lst in _CALL_LISTS.findall(line)
-                                      for t in lst.split(",") if t.strip()]
+    targets = _targets(line)
     body, cond = _BODY.search(line), _COND.search(line)
     n = cond_trips.get(cond.group(1), 1) if opcode == "while" and cond else 1
     if opcode == "while" and body:
@@ -111,7 +117,7 @@ def _multiplicities(text: str, instrs) -> tuple[dict[str, int], dict[str, int]]:
         visit(callee, m * k, seen + (callee,))
   if entry:
     visit(entry.group(1), 1, (entry.group(1),))
-  return mult, trips
+  return mult, trips, calls
 
 
 def _kind(opcode: str) -> str | None:
@@ -127,8 +133,8 @@ def collectives(hlo_text: str) -> dict:
   fused into a matmul (a collective matmul: e.g. an FSDP all-gather of a kernel done as ring
   collective-permutes, each overlapped with part of the dot)."""
   instrs = list(_instructions(hlo_text))
-  mult, trips = _multiplicities(hlo_text, instrs)
-  loop_comps = _inside_loops(instrs, trips)
+  mult, trips, calls = _multiplicities(hlo_text, instrs)
+  loop_comps = _inside_loops(calls, trips)
   seen: dict[tuple, tuple[str, int, float, bool]] = {}
   for comp, shape, opcode, line in instrs:
     kind = _kind(opcode)
@@ -157,19 +163,14 @@ def collectives(hlo_text: str) -> dict:
   return out
 
 
-def _inside_loops(instrs, trips: dict[str, int]) -> set[str]:
+def _inside_loops(calls: dict, trips: dict[str, int]) -> set[str]:
   """Computations reached from a while body."""
-  callees: dict[str, set[str]] = {}
-  for comp, _, _, line in instrs:
-    callees.setdefault(comp, set()).update(
-        _CALLS.findall(line) + [t.strip().lstrip("%") for lst in _CALL_LISTS.findall(line)
-                                for t in lst.split(",") if t.strip()])
   inside, todo = set(), list(trips)
   while todo:
     c = todo.pop()
     if c not in inside:
       inside.add(c)
-      todo.extend(callees.get(c, ()))
+      todo.extend(callee for callee, _ in calls.get(c, ()))
   return inside
 
 
