@@ -152,22 +152,22 @@ def check_depths(setup: Setup, mesh, chip: chips.Chip, depths=None,
                  dump_hlo: str | None = None) -> list[dict]:
   """Compile and report every depth of the schedule (or `depths`), growing from the one before."""
   exes = executables(setup, mesh)
-  n_chips = mesh.devices.size
+  model = setup.spec.model
+  shapes = lambda d: steps.init_state_shapes(model.replace(num_layers=d), exes.tx)  # noqa: E731
   schedule_depths = [st.depth for st in setup.spec.stages]
-  spec = steps.init_state_shapes(setup.spec.model.replace(num_layers=schedule_depths[0]), exes.tx)
-  rows = []
+  spec, rows = shapes(schedule_depths[0]), []
   for depth in schedule_depths:
     if depths and depth not in depths:
-      spec = steps.init_state_shapes(setup.spec.model.replace(num_layers=depth), exes.tx)
+      spec = shapes(depth)
       continue
     t = time.perf_counter()
     try:
       ex = exes.compile(depth, spec)
     except Exception as e:  # pylint: disable=broad-except  (an OOM at compile time is a row)
       rows.append(_failed_row(depth, e, chip, time.perf_counter() - t))
-      spec = steps.init_state_shapes(setup.spec.model.replace(num_layers=depth), exes.tx)
+      spec = shapes(depth)
       continue
-    rows.append(depth_report(ex, setup=setup, chip=chip, n_chips=n_chips))
+    rows.append(depth_report(ex, setup=setup, chip=chip, n_chips=mesh.devices.size))
     if dump_hlo:
       os.makedirs(dump_hlo, exist_ok=True)
       with open(os.path.join(dump_hlo, f"step_depth{depth}.hlo"), "w", encoding="utf-8") as f:
