@@ -19,10 +19,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-REMAT_POLICIES = ("none", "full", "minimal")
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+from midas_jax import splash
+
+REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_qkv_proj",
+                  "save_dot_except_mlp", "qkv_proj_offloaded")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -39,8 +43,13 @@ class ModelConfig:
   num_layers: int = 4
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype of activations and matmuls
-  remat: str = "none"
+  remat: str = "none"  # REMAT_POLICIES; see `remat_policy`
   attention: str = "xla"
+  # attention='splash': the kernel's query and key/value block lengths (multiples of 128;
+  # shorter sequences use shorter blocks) and whether dQ is fused into the dK/dV kernel.
+  splash_block_q: int = 512
+  splash_block_kv: int = 512
+  splash_fused_bwd: bool = False
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   init_std: float = 0.02  # embeddings; kernels use fan-in scaling
@@ -64,6 +73,7 @@ class ModelConfig:
                        f"query heads); use one of {divisors}, or None for num_heads.")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+    splash.block_sizes(self.splash_block_q, self.splash_block_kv, 1)
 
   @property
   def kv_heads(self) -> int:
@@ -189,7 +199,10 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, plain_causal: bool):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, plain_causal: bool,
+               segment_ids_BxT=None, prefix_mask_BxT=None):
+    """`mask_BxTxT` for the XLA and cuDNN paths; splash takes `segment_ids_BxT` (None: one
+    segment) and `prefix_mask_BxT` instead and builds its masks from them."""
     c = self.config
     D, H, KV, K = c.d_model, c.num_heads, c.kv_heads, c.head_dim
     G = H // KV
@@ -214,7 +227,8 @@ class Attention(nn.Module):
       # sharding survives the reshapes (G = 1 is multi-head attention's (D, H, 3, K) stack).
       C = G + 2
       w_DxKVxCxK = jnp.concatenate([wq.reshape(D, KV, G, K), wk[:, :, None], wv[:, :, None]], 2)
-      qkv_BxTxKVxCxK = (x_NxD @ w_DxKVxCxK.reshape(D, KV * C * K)).reshape(B, T, KV, C, K)
+      qkv_BxTxKVxCxK = checkpoint_name(
+          (x_NxD @ w_DxKVxCxK.reshape(D, KV * C * K)).reshape(B, T, KV, C, K), "qkv_proj")
       q_BxTxHxK = qkv_BxTxKVxCxK[:, :, :, :G].reshape(B, T, H, K)
       k_BxTxKVxK, v_BxTxKVxK = qkv_BxTxKVxCxK[:, :, :, G], qkv_BxTxKVxCxK[:, :, :, G + 1]
     else:
@@ -222,9 +236,10 @@ class Attention(nn.Module):
       # their kernels are replicated): one fused weight would mix a head-sharded q part with
       # a replicated k/v part, which XLA lays out only by replicating it whole every step
       # ("involuntary full rematerialization"). So q gets its own matmul; k and v share one.
-      q_BxTxHxK = (x_NxD @ wq.reshape(D, H * K)).reshape(B, T, H, K)
+      q_BxTxHxK = checkpoint_name((x_NxD @ wq.reshape(D, H * K)).reshape(B, T, H, K), "qkv_proj")
       w_DxKVx2xK = jnp.stack([wk, wv], 2)
-      kv_BxTxKVx2xK = (x_NxD @ w_DxKVx2xK.reshape(D, KV * 2 * K)).reshape(B, T, KV, 2, K)
+      kv_BxTxKVx2xK = checkpoint_name(
+          (x_NxD @ w_DxKVx2xK.reshape(D, KV * 2 * K)).reshape(B, T, KV, 2, K), "qkv_proj")
       k_BxTxKVxK, v_BxTxKVxK = kv_BxTxKVx2xK[:, :, :, 0], kv_BxTxKVx2xK[:, :, :, 1]
     q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, c.rope_theta)
     k_BxTxKVxK = rope(k_BxTxKVxK, positions_BxT, c.rope_theta)
@@ -250,6 +265,13 @@ class Attention(nn.Module):
       out_BxKVxGTxK = jnp.einsum("bhqt,bhtk->bhqk", probs_BxKVxGTxT, v_BxKVxTxK)
       out_BxTxHxK = jnp.transpose(out_BxKVxGTxK.reshape(B, KV, G, T, K),
                                   (0, 3, 1, 2, 4)).reshape(B, T, H, K)
+    elif c.attention == "splash":
+      heads_major = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  (the kernel's layout)
+      out_BxHxTxK = splash.attention(
+          heads_major(q_BxTxHxK), heads_major(k_BxTxKVxK), heads_major(v_BxTxKVxK),
+          segment_ids_BxT, prefix_mask_BxT, block_q=c.splash_block_q,
+          block_kv=c.splash_block_kv, fused_bwd=c.splash_fused_bwd)
+      out_BxTxHxK = heads_major(out_BxHxTxK)
     else:
       # `is_causal` alone lets cuDNN use its fused causal kernel; other masks go explicitly.
       # K/V with KV < H heads is grouped-query attention to `dot_product_attention` too.
@@ -259,9 +281,11 @@ class Attention(nn.Module):
           q_BxTxHxK, k_BxTxKVxK, v_BxTxKVxK, mask=mask, is_causal=plain_causal,
           implementation=impl)
     out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, axes)
+    if c.attention != "splash":  # splash names its own output (and logsumexp), in its layout
+      out_BxTxHxK = checkpoint_name(out_BxTxHxK, "context")
     wo_HxKxD = _gathered(wo_HxKxD, ("heads", "kv", "embed"), dt)
     out_NxD = out_BxTxHxK.reshape(B * T, H * K) @ wo_HxKxD.reshape(H * K, D)
-    return out_NxD.reshape(B, T, D)
+    return checkpoint_name(out_NxD.reshape(B, T, D), "out_proj")
 
 
 class MLP(nn.Module):
@@ -278,7 +302,7 @@ class MLP(nn.Module):
     F = c.mlp_dim
     x_NxD = x_BxTxD.astype(dt).reshape(B * T, D)
     w_gate, w_up = (_gathered(w, ("embed", "mlp"), dt) for w in (w_gate, w_up))
-    gate_up_Nx2F = x_NxD @ jnp.concatenate([w_gate, w_up], 1)
+    gate_up_Nx2F = checkpoint_name(x_NxD @ jnp.concatenate([w_gate, w_up], 1), "mlp_in")
     gate_BxTxF, up_BxTxF = jnp.split(gate_up_Nx2F.reshape(B, T, 2 * F), 2, -1)
     h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     h_BxTxF = nn.with_logical_constraint(
@@ -293,22 +317,52 @@ class DecoderLayer(nn.Module):
   plain_causal: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, segment_ids_BxT, prefix_mask_BxT):
     c = self.config
     act_axes = ("activation_batch", "activation_length", "activation_embed")
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, act_axes)
     h = RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x_BxTxD)
-    x_BxTxD = x_BxTxD + Attention(c, name="attn")(h, positions_BxT, mask_BxTxT, self.plain_causal)
+    x_BxTxD = x_BxTxD + Attention(c, name="attn")(h, positions_BxT, mask_BxTxT, self.plain_causal,
+                                                  segment_ids_BxT, prefix_mask_BxT)
     h = RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x_BxTxD)
     x_BxTxD = x_BxTxD + MLP(c, name="mlp")(h)
     return nn.with_logical_constraint(x_BxTxD, act_axes), None
 
 
-def _remat_policy(name: str):
+# What the named policies keep, by `checkpoint_name`: `qkv_proj` the fused q/k/v projection,
+# `context` attention's output (splash: with its logsumexp), `out_proj` the output projection,
+# `mlp_in` the MLP's gate and up projections.
+SAVED_NAMES = {"minimal_with_context": ("context",),
+               "save_qkv_proj": ("qkv_proj", "mlp_in"),
+               "save_dot_except_mlp": ("qkv_proj", "context", "out_proj"),
+               "qkv_proj_offloaded": ("qkv_proj", "mlp_in")}
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of each layer for `ModelConfig.remat=name` (None: 'none').
+
+  What the backward pass recomputes, beyond elementwise work (norms, rotary, SwiGLU):
+  'full' the whole layer; 'minimal' (every matmul without batch dims saved) attention's
+  forward; 'minimal_with_context' nothing, attention's output being saved too;
+  'save_qkv_proj' (q/k/v and the MLP's input projections saved) attention and the output
+  projection; 'save_dot_except_mlp' (all of attention saved) the MLP's gate/up matmul;
+  'qkv_proj_offloaded' what save_qkv_proj does, its tensors parked in pinned host memory
+  between the passes (HBM traded for host transfers; on CPU they only copy).
+  """
   if name == "full":
     return jax.checkpoint_policies.nothing_saveable
-  if name == "minimal":  # keep matmul outputs, recompute the cheap elementwise work
+  if name == "minimal":
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name == "minimal_with_context":
+    return jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES[name]))
+  if name == "qkv_proj_offloaded":
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=SAVED_NAMES[name],
+        offload_src="device", offload_dst="pinned_host")
+  if name in SAVED_NAMES:
+    return jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES[name])
   return None
 
 
@@ -331,26 +385,29 @@ class Decoder(nn.Module):
       segment_ids_BxT = jnp.ones((B, T), jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    mask_BxTxT = attention_mask(segment_ids_BxT, prefix_mask_BxT)
+    if c.attention == "splash":  # the kernel's masks come from these; no TxT array is built
+      masks = (None, None if plain_causal else segment_ids_BxT, prefix_mask_BxT)
+    else:
+      masks = (attention_mask(segment_ids_BxT, prefix_mask_BxT), None, None)
 
     embedding_VxD = _param(self, "embedding", nn.initializers.normal(c.init_std),
                            (c.vocab_size, c.d_model), ("vocab", "embed"))
     x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype)
 
     layer = DecoderLayer
-    policy = _remat_policy(c.remat)
+    policy = remat_policy(c.remat)
     if c.remat != "none":
       layer = nn.remat(layer, policy=policy, prevent_cse=False)
     stack = nn.scan(
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * 4,
         length=c.num_layers,
         unroll=max(1, min(c.scan_unroll, c.num_layers)),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    x_BxTxD, _ = stack(c, plain_causal, name="layers")(x_BxTxD, positions_BxT, mask_BxTxT)
+    x_BxTxD, _ = stack(c, plain_causal, name="layers")(x_BxTxD, positions_BxT, *masks)
 
     x_BxTxD = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
@@ -366,15 +423,18 @@ class Decoder(nn.Module):
 
 
 def init_params(config: ModelConfig, rng, seq_len: int = 8):
-  """Plain (unboxed) float32 parameters of a freshly initialised model."""
+  """Plain (unboxed) float32 parameters of a freshly initialised model.
+
+  Parameters do not depend on the attention implementation: init traces the XLA one, which
+  runs anywhere (splash off a TPU would trace its interpreted kernel)."""
   tokens = jnp.zeros((1, seq_len), jnp.int32)
-  return nn.unbox(Decoder(config).init(rng, tokens)["params"])
+  return nn.unbox(Decoder(config.replace(attention="xla")).init(rng, tokens)["params"])
 
 
 def logical_axes(config: ModelConfig):
   """Pytree (matching `init_params`) of `PartitionSpec`s over logical axis names."""
-  boxed = jax.eval_shape(
-      lambda: Decoder(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  boxed = jax.eval_shape(lambda: Decoder(config.replace(attention="xla")).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
   return nn.get_partition_spec(boxed)["params"]
 
 

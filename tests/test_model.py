@@ -1,5 +1,7 @@
 """The scanned decoder: shapes, masks, numerics, parameter layout and FLOP counts."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -374,12 +376,46 @@ def test_remat_gives_same_loss_and_grads(lm_loss_and_grad):
   loss, grads = lm_loss_and_grad(params, config, tokens)
   assert np.isfinite(float(loss))
   assert float(loss) == pytest.approx(np.log(CFG.vocab_size), rel=0.1)  # near-uniform at init
-  for remat in ("full", "minimal"):
+  for remat in model.REMAT_POLICIES[1:]:
     loss_r, grads_r = lm_loss_and_grad(params, config.replace(remat=remat), tokens)
     assert float(loss_r) == pytest.approx(float(loss), abs=1e-5), remat
     for g, g_r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)):
       np.testing.assert_allclose(g_r, g, atol=1e-5, rtol=1e-5, err_msg=remat)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def _saved(remat, capsys):
+  """(names, host-memory residuals, matmul outputs) that one decoder layer saves for its
+  backward pass under `remat`'s policy, as `jax.ad_checkpoint.print_saved_residuals` lists them."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, CFG.d_model))
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask = model.attention_mask(jnp.ones((B, T), jnp.int32))
+  layer = model.DecoderLayer(CFG)
+  p = nn.unbox(layer.init(jax.random.PRNGKey(1), x, pos, mask, None, None)["params"])
+  f = lambda p, x: layer.apply({"params": p}, x, pos, mask, None, None)[0].sum()  # noqa: E731
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(
+      jax.checkpoint(f, policy=model.remat_policy(remat)), p, x)
+  lines = capsys.readouterr().out.splitlines()
+  return (sorted(re.findall(r"named '(\w+)'", "\n".join(lines))),
+          [l.split()[0] for l in lines if "<host>" in l],
+          [l.split()[0] for l in lines if "output of dot_general" in l])
+
+
+def test_named_remat_policies_save_what_they_name(capsys):
+  H, K, F = CFG.num_heads, CFG.head_dim, CFG.mlp_dim
+  qkv, gate_up = f"[{B},{T},{H},3,{K}]", f"[{B * T},{2 * F}]"
+  # 'minimal' saves by kind: the 2-D matmuls whose outputs the backward reads (q/k/v, output
+  # projection, gate/up), unnamed; 'minimal_with_context' adds attention's output by name.
+  dots = [f"f32[{B * T},{3 * H * K}]", f"f32[{B * T},{CFG.d_model}]", f"f32{gate_up}"]
+  assert _saved("minimal", capsys) == ([], [], dots)
+  assert _saved("minimal_with_context", capsys) == (["context"], [], dots)
+  assert _saved("save_qkv_proj", capsys) == (["mlp_in", "qkv_proj"], [], [])
+  assert _saved("save_dot_except_mlp", capsys) == (["context", "out_proj", "qkv_proj"], [], [])
+  # The offload policy keeps save_qkv_proj's two tensors in host memory, none on the device.
+  assert _saved("qkv_proj_offloaded", capsys) == (
+      [], [f"f32<host>{qkv}", f"f32<host>{gate_up}"], [])
+  assert _saved("full", capsys) == ([], [], []) and model.remat_policy("none") is None
 
 
 def test_scan_unroll_gives_same_logits(params, tokens):
