@@ -10,7 +10,8 @@ trainer's mesh, shardings and donation, for the slice's devices. Per depth it re
 compile time, per-chip HBM against the chip's capacity and whether it fits, the collectives of
 one train step (`midas_jax.hlo_stats`), and a roofline estimate of the step time from the
 datasheet (`midas_jax.chips`). `--max_batch` finds the largest global batch that fits at the
-final depth. Needs `pip install -e '.[tpu]'`.
+final depth. With `--gin.midas_jax.train.train.microbatches=N` the train step is compiled with
+gradient accumulation, as the trainer would run it. Needs `pip install -e '.[tpu]'`.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def read_setup(batch_size: int | None = None) -> Setup:
                                   "give the experiment file (and its schedule file).")
     args[name] = v
   for name, default in (("growth_strategy", "midas"), ("opt_state_mode", "copy"),
-                        ("eval_every", 0)):
+                        ("eval_every", 0), ("microbatches", 1)):
     args[name] = config_lib.bound(f"midas_jax.train.train.{name}", default)
   if batch_size is not None:
     args["batch_size"] = batch_size
@@ -92,7 +93,8 @@ def executables(setup: Setup, mesh, *, batch_size: int | None = None,
       tx=steps.make_optimizer(), lr_fn=lr_fn, block_size=spec.block_size,
       growth_strategy=spec.growth_strategy, opt_state_mode=spec.opt_state_mode, batch=batch,
       eval_batch=batch, mesh=mesh, rules=sharding.logical_axis_rules(),
-      eval_depths=setup.eval_depths if eval_depths is None else eval_depths)
+      eval_depths=setup.eval_depths if eval_depths is None else eval_depths,
+      microbatches=spec.microbatches)
 
 
 def _oom_bytes(message: str) -> float | None:
@@ -128,7 +130,8 @@ def depth_report(ex, *, setup: Setup, chip: chips.Chip, n_chips: int,
     mems[f"growth{i}" if len(ex.grow) > 1 else "growth"] = memory_bytes(g)
   peak = max(m["total"] for m in mems.values())
   coll = hlo_stats.collectives(ex.step.as_text())
-  row = {"depth": depth, "compile_s": round(ex.seconds, 1), "memory": mems,
+  row = {"depth": depth, "microbatches": setup.spec.microbatches,
+         "compile_s": round(ex.seconds, 1), "memory": mems,
          "peak_bytes": peak, "hbm_bytes": chip.hbm_bytes, "fits": peak <= chip.hbm_bytes,
          "margin_bytes": chip.hbm_bytes - peak, "collectives": coll}
   row["roofline_estimate"] = roofline(
@@ -191,15 +194,16 @@ def fits_at(setup: Setup, mesh, chip: chips.Chip, depth: int, batch_size: int) -
 
 
 def max_batch(setup: Setup, mesh, chip: chips.Chip) -> dict:
-  """The largest global batch (a multiple of the data x fsdp shards) whose final-depth train
-  step fits, by doubling then bisecting; {"batch_size", "row", "tried": {batch: fits}}."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  """The largest global batch (a multiple of the data x fsdp shards times the microbatches)
+  whose final-depth train step fits, by doubling then bisecting; {"batch_size", "row",
+  "tried": {batch: fits}}."""
+  unit = mesh.shape["data"] * mesh.shape["fsdp"] * setup.spec.microbatches
   depth, tried, rows = setup.spec.stages[-1].depth, {}, {}
 
   def fits(k: int) -> bool:
-    rows[k] = fits_at(setup, mesh, chip, depth, k * shards)
-    tried[k * shards] = rows[k]["fits"]
-    log.info("global batch %d (%d per data shard): %s", k * shards, k,
+    rows[k] = fits_at(setup, mesh, chip, depth, k * unit)
+    tried[k * unit] = rows[k]["fits"]
+    log.info("global batch %d (%d per data shard and microbatch): %s", k * unit, k,
              "fits" if rows[k]["fits"] else "does not fit")
     return rows[k]["fits"]
   lo, hi = 0, 1
@@ -208,7 +212,7 @@ def max_batch(setup: Setup, mesh, chip: chips.Chip) -> dict:
   while hi - lo > 1:
     mid = (lo + hi) // 2
     lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return {"batch_size": lo * shards, "depth": depth, "row": rows.get(lo), "tried": tried}
+  return {"batch_size": lo * unit, "depth": depth, "row": rows.get(lo), "tried": tried}
 
 
 def _gib(x) -> str:
@@ -287,6 +291,7 @@ def run(argv) -> dict:
             "accelerator_type": chips.accelerator_type(topo), "chips": len(devices),
             "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
             "batch_size": setup.spec.batch_size, "seq_len": setup.spec.seq_len,
+            "microbatches": setup.spec.microbatches,
             "remat": setup.spec.model.remat, "attention": setup.spec.model.attention,
             "warnings": [w for w in [sharding.narrow_fsdp_warning(setup.spec.model, mesh)]
                          if w],
@@ -304,10 +309,13 @@ def run(argv) -> dict:
 def _summary(report: dict) -> str:
   lines = [f"{report['topology']} x {report['num_slices']} ({report['chips']} chips, "
            f"{report['device_kind']}), mesh {report['mesh']}, batch {report['batch_size']} x "
-           f"{report['seq_len']}, remat {report['remat']}:", report["table"],
+           f"{report['seq_len']}"
+           + (f" in {report['microbatches']} microbatches" if report["microbatches"] > 1 else "")
+           + f", remat {report['remat']}:", report["table"],
            "Step time and MFU are roofline estimates from datasheet peaks, not measurements.",
            "Every depth fits." if report["fits"] else
-           "Some depth does NOT fit: lower the batch, use remat='full', or shard over more chips."]
+           "Some depth does NOT fit: lower the batch, use remat='full', accumulate gradients "
+           "(--gin.midas_jax.train.train.microbatches=N), or shard over more chips."]
   lines += [f"Warning: {w}" for w in report["warnings"]]
   if "max_batch" in report:
     lines.append(f"Largest global batch that fits at depth {report['max_batch']['depth']}: "

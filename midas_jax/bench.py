@@ -1,6 +1,7 @@
 r"""Benchmarks that print figures: matmul ceiling, train-step FLOP/s and MFU per depth, MIDAS vs
 baseline wall time (per stage: step time, growth, compile), input pipeline vs synthetic batches,
-checkpoint overhead, in-training eval overhead.
+checkpoint overhead, in-training eval overhead, gradient accumulation (microbatches) vs the whole
+batch at once.
 
     python -m midas_jax.bench                       # matmul, step, speedup on the `small` preset
     python -m midas_jax.bench --only=step --model=tiny --batch=16 --seq=128
@@ -10,6 +11,8 @@ checkpoint overhead, in-training eval overhead.
     python -m midas_jax.bench --only=speedup --speedup_order=aba   # baseline before and after
     python -m midas_jax.bench --only=input --only=checkpoint --run_steps=60 --seq=128
     python -m midas_jax.bench --only=eval            # the quickstart with and without its evals
+    python -m midas_jax.bench --only=microbatches --model=small --batch=16 --seq=128 \
+        --microbatches=4                              # one global batch in 4 microbatches vs 1
 
 All but `input` and `eval` run on synthetic batches, so they need neither seqio nor tensorflow.
 Figures are ratios measured side by side in one process (shared machines are noisy; the step
@@ -33,11 +36,12 @@ import time
 import jax
 import numpy as np
 
-from midas_jax import host_memory
+from midas_jax import host_memory, steps as steps_lib
 from midas_jax import config as config_lib
 from midas_jax import train as train_lib
 from midas_jax.data.synthetic import synthetic_datasets
 from midas_jax.chips import peak_flops as datasheet_peak
+from midas_jax.executables import memory_bytes
 from midas_jax.model import ModelConfig, train_flops_per_token
 
 
@@ -301,6 +305,73 @@ def eval_overhead() -> dict:
   return out
 
 
+def microbatch_comparison(model: ModelConfig, batch: int, seq: int, steps: int,
+                          microbatches=(1, 4)) -> dict:
+  """The train step on one global batch of `batch` rows, whole and in each count of
+  `microbatches`, side by side: compiled per-device memory (`memory_analysis`: temporaries are
+  the activations and gradients the step holds at once), compile time, and the median step
+  time over `steps` rounds that run each variant once in turn (a drifting host slows all
+  alike). Every variant consumes the same batches and does the same model FLOPs per step."""
+  tx = train_lib.make_optimizer()
+  lr_fn = train_lib.lr_schedule(total_steps=1000)
+  ds, _ = synthetic_datasets(seq_len=seq, vocab_size=model.vocab_size)
+  batches = [jax.device_put(ds.batch(i, batch, 0)) for i in range(4)]
+  init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
+  variants = {}
+  for n in microbatches:
+    steps_lib.check_microbatches(batch, n)
+    accumulate = {"microbatches": n} if n > 1 else {}  # 1: the trainer's plain step
+    state = init(jax.random.PRNGKey(0))
+    t = time.perf_counter()
+    step = jax.jit(lambda s, x, kw=accumulate: train_lib.train_step(
+        s, x, config=model, tx=tx, lr_fn=lr_fn, **kw), donate_argnums=0).lower(
+            state, batches[0]).compile()
+    compile_s = time.perf_counter() - t
+    for i in range(2):  # warm up: the first calls map the step's buffers
+      state, m = step(state, batches[i])
+    jax.block_until_ready(m)
+    variants[n] = {"step": step, "state": state, "times": [], "compile_s": compile_s,
+                   "memory": memory_bytes(step), "losses": []}
+  for i in range(steps):
+    for v in variants.values():
+      t = time.perf_counter()
+      v["state"], m = v["step"](v["state"], batches[i % len(batches)])
+      jax.block_until_ready(m)
+      v["times"].append(time.perf_counter() - t)
+      v["losses"].append(float(m["loss"]))
+  flops = train_flops_per_token(model, seq) * batch * seq
+  base = variants[microbatches[0]]
+  rows = []
+  for n, v in variants.items():
+    dt = float(np.median(v["times"]))
+    rows.append({"microbatches": n, "rows_per_microbatch": batch // n, "step_time_s": dt,
+                 "tokens_per_s": batch * seq / dt, "flops_per_s": flops / dt,
+                 "compile_s": v["compile_s"], "memory": v["memory"],
+                 "temp_vs_first": (v["memory"]["temporaries"]
+                                   / max(base["memory"]["temporaries"], 1)),
+                 "total_vs_first": v["memory"]["total"] / max(base["memory"]["total"], 1),
+                 "time_vs_first": dt / float(np.median(base["times"])),
+                 "step_times_s": v["times"], "losses": v["losses"]})
+  return {"batch": batch, "seq": seq, "flops_per_step": flops, "rows": rows}
+
+
+def _report_microbatches(args, model: ModelConfig, out: dict) -> None:
+  counts = [1] + [int(n) for n in args.microbatches.split(",") if int(n) != 1]
+  r = out["microbatches"] = {"model": args.model, **microbatch_comparison(
+      model, args.batch, args.seq, args.steps, counts)}
+  gib = lambda x: f"{x / 2 ** 30:.3f}"  # noqa: E731
+  print(f"{args.model}: global batch {args.batch} x {args.seq}, {model.dtype}, remat "
+        f"{model.remat}; {args.steps} interleaved rounds")
+  _print_table(
+      ["microbatches", "rows each", "step ms", "t/t_1", "tokens/s", "temps GiB", "temps/t_1",
+       "step GiB", "total/t_1", "compile s", "last loss"],
+      [[x["microbatches"], x["rows_per_microbatch"], f"{1e3 * x['step_time_s']:.1f}",
+        f"{x['time_vs_first']:.3f}", f"{x['tokens_per_s']:,.0f}",
+        gib(x["memory"]["temporaries"]), f"{x['temp_vs_first']:.3f}", gib(x["memory"]["total"]),
+        f"{x['total_vs_first']:.3f}", f"{x['compile_s']:.1f}", f"{x['losses'][-1]:.4f}"]
+       for x in r["rows"]])
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
                               epilog="Any --gin.X=V (or --gin_bindings='X = V') binds gin for the "
@@ -324,8 +395,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="`speedup`: baseline then schedule (ab), or the baseline again after it "
                       "(aba), compared by the mean of the two (robust to a drifting host)")
   p.add_argument("--only", action="append", choices=(
-      "matmul", "step", "depths", "speedup", "input", "checkpoint", "eval"),
+      "matmul", "step", "depths", "speedup", "input", "checkpoint", "eval", "microbatches"),
       help="default: matmul, step, speedup")
+  p.add_argument("--microbatches", default="4",
+                 help="`microbatches`: comma-separated counts compared with 1 (the whole batch)")
   p.add_argument("--out", default=None, help="write the figures as JSON here")
   return p
 
@@ -446,6 +519,8 @@ def main(argv=None) -> None:
     _report_depths(args, model, out, block)
   if "speedup" in only:
     _report_speedup(args, bindings, out, block)
+  if "microbatches" in only:
+    _report_microbatches(args, model, out)
   _report_overheads(args, bindings, only, out)
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:

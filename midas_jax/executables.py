@@ -21,7 +21,7 @@ import gin
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from midas_jax import compile_priority, growth, sharding
+from midas_jax import compile_priority, growth, sharding, steps
 from midas_jax.model import ModelConfig
 
 log = logging.getLogger("midas_jax")
@@ -42,7 +42,10 @@ class DepthExecutables:
 @dataclasses.dataclass(frozen=True)
 class StepFunctions:
   """The pure functions the executables compile (see `midas_jax.steps`)."""
-  train_step: Callable  # (state, batch, *, config, tx, lr_fn) -> (state, metrics)
+  # (state, batch, *, config, tx, lr_fn[, microbatches]) -> (state, metrics); `microbatches`
+  # is passed only when above 1, so a train step without gradient accumulation needs no such
+  # parameter.
+  train_step: Callable
   eval_step: Callable   # (params, batch, *, config) -> (loss sum, weight sum)
   grow_state: Callable  # (state, rng, *, block_size, growth_strategy, opt_state_mode, tx, model)
 
@@ -83,18 +86,23 @@ class Executables:
   """Compiles each depth's executables once, in the background; `get` waits for them.
 
   `batch` and `eval_batch` are example batches (arrays or `ShapeDtypeStruct`s); `compile` is
-  what the trainer runs and what `midas_jax.aot` compiles for a TPU slice.
+  what the trainer runs and what `midas_jax.aot` compiles for a TPU slice. `microbatches > 1`
+  compiles the train step with gradient accumulation over that many microbatches of `batch`
+  (`steps.train_step`); growth and eval steps are the same either way.
   """
 
   def __init__(self, *, fns: StepFunctions, model: ModelConfig, tx, lr_fn, block_size: int,
                growth_strategy: str, opt_state_mode: str, batch, eval_batch, mesh, rules,
-               eval_depths=()):
+               eval_depths=(), microbatches: int = 1):
     self.fns, self.model, self.tx, self.lr_fn = fns, model, tx, lr_fn
     self.grow_kwargs = dict(block_size=block_size, growth_strategy=growth_strategy,
                             opt_state_mode=opt_state_mode, tx=tx, model=model)
     self.mesh, self.rules = mesh, rules
     self.eval_depths = set(eval_depths)  # only these compile an eval step (saves CPU time)
     self.batch_spec = _abstract(batch)
+    self.microbatches = microbatches
+    rows = jax.tree_util.tree_leaves(self.batch_spec)[0].shape[0]
+    steps.check_microbatches(rows, microbatches, mesh.shape["data"] * mesh.shape["fsdp"])
     self.eval_spec = _abstract(eval_batch) if eval_batch is not None else None
     self.replicated = NamedSharding(mesh, P())
     self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="midas-compile")
@@ -149,8 +157,10 @@ class Executables:
     needs = "more than it has" if need is None else f"{need / 2 ** 30:.2f} GiB"
     return (f"Depth {depth} will not fit: its train step needs {needs} per device of "
             f"{limit / 2 ** 30:.2f} GiB. Stopping now rather than at that stage: use "
-            "--gin.midas_jax.model.ModelConfig.remat=full (recompute the forward pass), a smaller "
-            "BATCH_SIZE, or more FSDP shards (midas_jax.sharding.make_mesh.fsdp); "
+            "--gin.midas_jax.model.ModelConfig.remat=full (recompute the forward pass), "
+            "gradient accumulation (--gin.midas_jax.train.train.microbatches=N: the same "
+            "BATCH_SIZE, N microbatches at a time), a smaller BATCH_SIZE, or more FSDP shards "
+            "(midas_jax.sharding.make_mesh.fsdp); "
             "python -m midas_jax.aot checks a slice before it is paid for.")
 
   def _build(self, depth: int, spec) -> DepthExecutables:
@@ -181,11 +191,17 @@ class Executables:
   def _compile_step(self, depth: int, spec):
     """The train step at `depth`: state donated, batch split over data x fsdp."""
     state_sh = self.shardings(spec)
-    fn = functools.partial(self.fns.train_step, config=self.model.replace(num_layers=depth),
-                           tx=self.tx, lr_fn=self.lr_fn)
-    return jax.jit(fn, in_shardings=(state_sh, self._batch_shardings(self.batch_spec)),
+    return jax.jit(self.train_fn(depth),
+                   in_shardings=(state_sh, self._batch_shardings(self.batch_spec)),
                    out_shardings=(state_sh, self.replicated),
                    donate_argnums=0).lower(spec, self.batch_spec).compile()
+
+  def train_fn(self, depth: int) -> functools.partial:
+    """The pure train step at `depth` that `_compile_step` compiles: `(state, batch)`."""
+    # Without accumulation the plain step compiles, exactly as a step that has no such option.
+    accumulate = {"microbatches": self.microbatches} if self.microbatches > 1 else {}
+    return functools.partial(self.fns.train_step, config=self.model.replace(num_layers=depth),
+                             tx=self.tx, lr_fn=self.lr_fn, **accumulate)
 
   def _compile_growth(self, depth: int, spec) -> tuple[list, Any]:
     """One growth executable per block from `spec`'s depth up to `depth`; the grown spec."""

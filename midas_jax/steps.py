@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import gin
 import jax
@@ -68,9 +69,18 @@ def make_optimizer(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
       learning_rate=0.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_clip=grad_clip)
 
 
-def train_step(state: TrainState, batch, *, config: ModelConfig, tx, lr_fn):
-  """One AdamW step; the learning rate comes from the global step, not the optimizer count."""
-  loss, grads = jax.value_and_grad(losses.mean_loss)(state.params, batch, config)
+def train_step(state: TrainState, batch, *, config: ModelConfig, tx, lr_fn,
+               microbatches: int = 1):
+  """One AdamW step on one global batch; the learning rate comes from the global step, not the
+  optimizer count.
+
+  `microbatches > 1` accumulates the gradient over that many slices of the batch in one
+  compiled loop (`accumulated_loss_and_grads`): the same update, less activation memory.
+  """
+  if microbatches == 1:
+    loss, grads = jax.value_and_grad(losses.mean_loss)(state.params, batch, config)
+  else:
+    loss, grads = accumulated_loss_and_grads(state.params, batch, config, microbatches)
   lr = lr_fn(state.step)
   opt_state = state.opt_state._replace(
       hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
@@ -78,6 +88,67 @@ def train_step(state: TrainState, batch, *, config: ModelConfig, tx, lr_fn):
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "learning_rate": lr, "grad_norm": optax.global_norm(grads)}
   return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def split_microbatches(batch, microbatches: int):
+  """`batch`'s `(B, ...)` arrays as `(microbatches, B / microbatches, ...)`: a strided split,
+  microbatch `m` holding rows `m, m + N, m + 2N, ...` of the global batch.
+
+  Strided because the batch's rows lie on the devices in contiguous blocks (split over data x
+  fsdp): every device then holds its own rows of every microbatch, so the split moves no data,
+  and the constraint keeps each microbatch's rows split over the same axes as the batch.
+  """
+  def split(x):
+    rows = x.shape[0]
+    x = x.reshape(rows // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(
+        x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+  return jax.tree_util.tree_map(split, batch)
+
+
+def accumulated_loss_and_grads(params, batch, config: ModelConfig, microbatches: int):
+  """(`losses.mean_loss`, its gradient) of the whole `batch`, one microbatch at a time.
+
+  A `lax.scan` over `split_microbatches` adds up each microbatch's weighted loss sum, weight sum
+  and the gradient of its loss sum in float32, and divides once by the total weight at the end:
+  the token-weighted mean of the whole batch, exact however unevenly the microbatches hold
+  target tokens (packing, UL2), not a mean of microbatch means.
+  """
+  def body(carry, mb):
+    loss_acc, weight_acc, grad_acc = carry
+    (loss_sum, weight_sum), grads = jax.value_and_grad(losses.loss_sums, has_aux=True)(
+        params, mb, config)
+    grad_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+    return (loss_acc + loss_sum.astype(jnp.float32),
+            weight_acc + weight_sum.astype(jnp.float32), grad_acc), None
+
+  zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+  (loss_sum, weight_sum, grad_sum), _ = jax.lax.scan(
+      body, init, split_microbatches(batch, microbatches))
+  scale = 1.0 / jnp.maximum(weight_sum, 1.0)  # as `losses.mean_loss`: no weight gives 0
+  grads = jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grad_sum, params)
+  return loss_sum * scale, grads
+
+
+def check_microbatches(batch_size: int, microbatches: int, data_shards: int = 1) -> None:
+  """ValueError unless `batch_size` rows split into `microbatches` microbatches whose rows
+  split over the `data_shards` devices of the data x fsdp mesh axes."""
+  if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"microbatches={microbatches!r} must be a whole number >= 1 (1: the whole "
+                     "global batch at once); set --gin.midas_jax.train.train.microbatches=N.")
+  if batch_size % microbatches:
+    raise ValueError(
+        f"BATCH_SIZE={batch_size} is not divisible by microbatches={microbatches}: each step "
+        "splits its global batch into equal microbatches. Use a BATCH_SIZE that is a multiple "
+        f"of {microbatches} or a microbatches that divides {batch_size}.")
+  rows = batch_size // microbatches
+  if rows % data_shards:
+    raise ValueError(
+        f"BATCH_SIZE={batch_size} in microbatches={microbatches} gives {rows} rows per "
+        f"microbatch, which do not split over the data x fsdp = {data_shards} devices. Use a "
+        f"BATCH_SIZE that is a multiple of microbatches x {data_shards} = "
+        f"{microbatches * data_shards}, or fewer microbatches.")
 
 
 def eval_step(params, batch, *, config: ModelConfig):

@@ -26,7 +26,7 @@ import gin
 import jax
 
 from midas_jax import checkpoint, cli, compile_cache, growth, run_dir as run_dir_lib
-from midas_jax import schedule as schedule_lib, sharding
+from midas_jax import schedule as schedule_lib, sharding, steps
 from midas_jax import config as config_lib
 from midas_jax.metrics import MetricWriter
 from midas_jax.model import Decoder, ModelConfig  # noqa: F401  (Decoder: for notebooks)
@@ -47,7 +47,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
           datasets_fn: Callable = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
           async_checkpoints: bool = True, checkpoints: bool = True, resume: bool = True,
           primitive_eval: Callable | None = None, compile_cache_dir: str | None = "auto",
-          init_from_hf: str | None = None) -> dict:
+          init_from_hf: str | None = None, microbatches: int = 1) -> dict:
   """Run every stage of `stages` (resuming from `model_dir`'s checkpoints); return the summary.
 
   Args:
@@ -74,6 +74,12 @@ def train(*, model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
       `auto` is `compile_cache/` beside `model_dir`, None turns it off.
     init_from_hf: a Hugging Face Llama directory whose weights start the run (`interop`): the
       schedule's first stage must have the imported depth, which MIDAS then grows.
+    microbatches: gradient accumulation: each step still consumes one global batch of
+      `batch_size` rows, in this many microbatches of `batch_size / microbatches` rows one after
+      the other inside the compiled step (`steps.accumulated_loss_and_grads`), so the batch
+      need not fit in device memory at once. The update equals the whole batch's (up to float
+      reassociation); tokens/s, FLOPs per step and the data order keep their meaning. 1 (the
+      default) compiles the plain step.
 
   Returns:
     The summary written to `summary.json`, plus `state` (the final TrainState) and `spec` (the
@@ -93,7 +99,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
       async_checkpoints=async_checkpoints, checkpoints=checkpoints, resume=resume,
       primitive_eval=primitive_eval, compile_cache_dir=compile_cache_dir,
-      init_from_hf=init_from_hf))
+      init_from_hf=init_from_hf, microbatches=microbatches))
   return _run_in_dir(spec, t_start)
 
 
@@ -118,6 +124,7 @@ def _validated(spec: RunSpec) -> RunSpec:
   if isinstance(spec.batch_size, bool) or spec.batch_size % jax.process_count():
     raise ValueError(f"batch_size={spec.batch_size} must be divisible by the number of "
                      f"processes ({jax.process_count()}): each reads its own rows.")
+  steps.check_microbatches(spec.batch_size, spec.microbatches)  # the mesh is checked later
   datasets_fn = spec.datasets_fn
   if datasets_fn is None:
     from midas_jax.data import make_datasets  # pylint: disable=import-outside-toplevel
