@@ -2,6 +2,7 @@
 
 import importlib
 import pathlib
+import re
 import types
 
 import gin
@@ -163,11 +164,16 @@ def test_ul2_structure_modes_and_sentinels():
       np.testing.assert_array_equal(s_in, s_tg)
 
 
-def test_sentinels_are_reused_cyclically():
+def test_sentinels_are_reused_cyclically_only_if_allowed(caplog):
   vocab = VocabInfo(100, EOS, extra_ids=5)  # 2 sentinels: 99, 98
-  ul2, rng = UL2((('span', 0.5, 1, '[NLG]'),)), np.random.default_rng(3)
+  rng = np.random.default_rng(3)
   tokens = rng.integers(2, 95, 200).astype(np.int32)
-  examples = ul2.examples(tokens, rng, 64, vocab)
+  with pytest.raises(ValueError, match=r'up to 15 noise spans .* has 2 sentinels'):
+    UL2((('span', 0.5, 1, '[NLG]'),)).examples(tokens, rng, 64, vocab)
+  ul2 = UL2((('span', 0.5, 1, '[NLG]'),), allow_sentinel_reuse=True)
+  with caplog.at_level('WARNING', logger='midas_jax'):
+    examples = ul2.examples(tokens, rng, 64, vocab)
+  assert [r.message.count('reused cyclically') for r in caplog.records] == [1]  # warned once
   for ex in examples:
     s_tg = ex['targets'][ex['targets'] >= vocab.first_extra_id]
     assert s_tg.size > 2 and s_tg.tolist() == [99, 98] * (s_tg.size // 2) + [99] * (s_tg.size % 2)
@@ -188,6 +194,60 @@ def test_ul2_mixing_rates():
   uniform = np.bincount([int(e['inputs'][0]) - 900 for _ in range(2800)
                          for e in UL2().examples(tokens, rng, 512, VOCAB)]) / 2800
   np.testing.assert_allclose(uniform, [2 / 7, 4 / 7, 1 / 7], atol=0.025)
+
+
+@pytest.mark.parametrize('seq_len', [7, 13, 64, 300, 2048])
+def test_max_spans_is_the_empirical_max(seq_len):
+  """max_spans (what the sentinel check uses) against the most sentinels seen in examples of
+  documents of every length up to two chunks."""
+  big = VocabInfo(100_000, EOS, extra_ids=600)  # enough sentinels at 2048: none reused
+  rng = np.random.default_rng(seq_len)
+  for d in obj.DEFAULT_DENOISERS:
+    n = d.max_chunk(seq_len)
+    lengths = sorted({*range(1, min(n, 40) + 1), *rng.integers(1, 2 * n + 2, 12), n, n + 1})
+    seen = max(int((ex['targets'] >= big.first_extra_id + 3).sum())
+               for k in lengths for ex in UL2((d,)).examples(
+                   rng.integers(2, 1000, k).astype(np.int32), rng, seq_len, big))
+    assert seen == d.max_spans(seq_len), (d, seq_len)
+  assert [d.max_spans(2048) for d in obj.DEFAULT_DENOISERS] == [93, 37, 255, 114, 5, 16, 0]
+
+
+def test_sentinel_check_names_the_numbers_and_fixes():
+  byte = VocabInfo(359, EOS, extra_ids=100)  # seqio ByteVocabulary(extra_ids=100): 97 sentinels
+  UL2().check(byte, 512)  # X(0.5, 3) needs 63
+  with pytest.raises(ValueError) as e:
+    UL2().check(byte, 2048)
+  msg = str(e.value)
+  for part in ('seq_len=2048', 'up to 255 noise spans', 'X(0.5, 3)[NLG] 255, X(0.5, 8)[NLG] 114',
+               'has 97 sentinels', 'extra_ids >= 258', 'shorter seq_len', 'longer spans',
+               'allow_sentinel_reuse = True'):
+    assert part in msg, (part, msg)
+  assert 'R(0.15, 3)' not in msg  # 93 spans: enough
+  with pytest.raises(ValueError, match='up to 255'):  # X(0.5, 8) off, X(0.5, 3) still on
+    UL2(rates=(1, 1, 1, 0, 1, 1, 1)).check(VocabInfo(1000, EOS, 3 + 114), 2048)
+  UL2(rates=(1, 1, 0, 1, 1, 1, 1)).check(VocabInfo(1000, EOS, 3 + 114), 2048)  # X(0.5, 3) off
+  UL2().check(VocabInfo(32000 + 258, EOS, 258), 2048)
+
+
+def test_accelerator_presets_have_a_sentinel_per_span(gin_config):  # pylint: disable=redefined-outer-name,unused-argument
+  """Every experiment on the C4 UL2 data side: its vocabulary (T5's 32000 pieces + the bound
+  extra ids, within its model file's vocab_size) passes the UL2 check at its SEQ_LEN. Parsed
+  without the model and trainer modules (skip_unknown), so no JAX import."""
+  importlib.import_module('midas_jax.data.tasks')  # registers midas_jax.data.vocabulary
+  paths = [p for p in sorted((GIN_DIR / 'experiments').glob('*.gin'))
+           if "common/c4_spm32k_ul2.gin'" in p.read_text()]
+  assert len(paths) >= 4
+  for path in paths:
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [str(path)], ['tests.objective_probe.objective = %OBJECTIVE'], finalize_config=False,
+        skip_unknown=True)
+    extra = gin.query_parameter('midas_jax.data.vocabulary.extra_ids')
+    seq_len = gin.query_parameter('%SEQ_LEN')
+    model = re.search(r"^include '(models/\w+\.gin)'", path.read_text(), re.M).group(1)
+    vocab_size = int(re.search(r'vocab_size = (\d+)', (GIN_DIR / model).read_text()).group(1))
+    assert seq_len >= 2048 and 32000 + extra <= vocab_size, path  # the case the check is for
+    _probe().check(VocabInfo(32000 + extra, EOS, extra), seq_len)
 
 
 @pytest.mark.parametrize('seq_len', [7, 8, 13, 64, 100, 512])

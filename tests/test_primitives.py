@@ -1,9 +1,12 @@
 """Tests of midas_jax.evaluation.primitives: every answer is checked by an independent solver here.
 
-Pure numpy except the last test, which builds one small seqio Task (TensorFlow loads once, ~10 s).
+Pure numpy except the plot (matplotlib) and the last test, which builds one small seqio Task
+(TensorFlow loads once, ~10 s).
 """
 
+import collections
 import contextlib
+import hashlib
 import io
 import re
 import subprocess
@@ -129,9 +132,12 @@ def test_var_assign_answers_and_exact_depth(name):
     assert all(0 <= v <= 9 for v in literals)
     if depth:  # every literal variable is referenced: "the referenced number" is no shortcut
       assert {v for v, r in stmts if r.isdigit()} <= {r for _, r in stmts}
-  # The queried statement moves around (a random topological order).
+  # The literals come first; the queried statement moves around among the references.
   programs = [_parse_program(e.prompt) for e in p.examples(100, seed=0)]
-  assert len({[v for v, _ in stmts].index(q) for stmts, q in programs}) >= 3
+  for stmts, _ in programs:
+    kinds = [r.isdigit() for _, r in stmts]
+    assert kinds == sorted(kinds, reverse=True), stmts
+  assert len({[v for v, _ in stmts].index(q) for stmts, q in programs}) >= (3 if depth < 2 else 2)
 
 
 def test_var_assign_custom_and_invalid():
@@ -202,6 +208,124 @@ def test_random_guesser_scores_chance():
     p = P.get(name)  # the guesser picks one of the numbers in the prompt
     rate = _guess_rate(p.examples(n, 0), lambda e: re.findall(r"\d+", e.prompt))
     assert abs(rate - p.chance) < 0.03, name
+
+
+# ---------------------------------------------------------------- streams, balance, floors
+
+STREAM_HASHES = {  # sha256 of repr([(prompt, answer)]) of examples(20, seed=0), first 16 digits
+    "induction": "6f0ecf8cf7fc2836", "var_assign_d0_math": "0238a678eb755c43",
+    "var_assign_d1_math": "373c2f0d00839d9a", "var_assign_d2_math": "11d0831068a8a2cc",
+    "var_assign_d0_code": "6c9f3e9c2742312b", "var_assign_d1_code": "7d69e8b86bfdcc7c",
+    "var_assign_d2_code": "1c83cb078dd9a738", "math_add": "e978b4b7720ec942",
+    "math_add_sub": "c7ab632f1842d36c", "math_two_step": "630fe05b02299ed3"}
+
+
+def test_evaluation_streams_are_pinned():
+  """A change to any generator's stream fails here: update the hashes (and say so) on purpose."""
+  got = {n: hashlib.sha256(repr([(e.prompt, e.answer) for e in p.examples(20, seed=0)]).encode())
+         .hexdigest()[:16] for n, p in P.PRIMITIVES.items()}
+  assert got == STREAM_HASHES
+  assert P.get("math_add_sub").examples(1, 0)[0] == P.Example("8-0=", "8")
+  assert P.get("var_assign_d1_math").examples(1, 0)[0] == P.Example(
+      "k=4, q=5, a=k, i=q, j=k, j=? ", "4")
+
+
+def _op_sequences(p, n):
+  return collections.Counter("".join(re.findall(r"[+-]", e.prompt)) for e in p.examples(n, 0))
+
+
+def test_operator_sequences_are_uniform():
+  n = 4000
+  for name, seqs in (("math_add_sub", ["+", "-"]), ("math_two_step", ["++", "+-", "-+", "--"])):
+    freq = _op_sequences(P.get(name), n)
+    assert sorted(freq) == seqs and all(abs(freq[s] / n - 1 / len(seqs)) < 0.025 for s in seqs)
+  # Operands uniform given the operator: 55 valid a-b, 10 of them with b = 0.
+  subs = [e.prompt for e in P.get("math_add_sub").examples(n, 0) if "-" in e.prompt]
+  assert len(set(subs)) == 55 and abs(sum(q.endswith("-0=") for q in subs) / len(subs) - 10 / 55) < 0.03
+
+
+def _balanced_expectation(guess):
+  """Expected score of `guess` on single-step +/- problems: each operator half the time, operands
+  uniform among the valid ones (enumerated here, independently of the generator)."""
+  probs = {"+": [(a, b) for a in range(10) for b in range(10)],
+           "-": [(a, b) for a in range(10) for b in range(a + 1)]}
+  return sum(0.5 * np.mean([guess(a, b) == (a + b if op == "+" else a - b) for a, b in ab])
+             for op, ab in probs.items())
+
+
+def test_math_add_sub_always_add_or_subtract_is_about_half():
+  scores = P.get("math_add_sub").heuristic_scores()
+  add, sub = _balanced_expectation(lambda a, b: a + b), _balanced_expectation(lambda a, b: a - b)
+  assert (round(add, 4), round(sub, 4)) == (0.5909, 0.55)  # 1/2 plus "x-0" / "x+0" coincidences
+  assert abs(scores["always_add"] - add) < 0.025 and abs(scores["always_subtract"] - sub) < 0.025
+  assert P.get("math_add_sub").floor_heuristic == "always_add"
+  # Uniform over the 155 valid problems instead (100 additions), as a whole-problem rejection.
+  old = _UniformProblems("uniform_problems").heuristic_scores()
+  assert abs(old["always_add"] - 110 / 155) < 0.025 and abs(old["always_subtract"] - 65 / 155) < 0.025
+
+
+class _UniformProblems(P.Arithmetic):
+  def sample(self, rng):
+    while True:
+      a, b, op = int(rng.integers(10)), int(rng.integers(10)), "+-"[int(rng.integers(2))]
+      if op == "+" or a >= b:
+        return P.Example(f"{a}{op}{b}=", str(a + b if op == "+" else a - b))
+
+
+def test_heuristics_on_known_prompts():
+  two, ind = P.get("math_two_step").heuristics(), P.get("induction").heuristics()
+  assert {k: f("3+4-2=") for k, f in two.items()} == {
+      "first_operand": "3", "last_operand": "2", "larger_operand": "4", "always_add": "9",
+      "always_subtract": "-3", "first_step_only": "7"}
+  assert set(P.get("math_add").heuristics()) == {"first_operand", "last_operand", "larger_operand"}
+  assert (ind["window_1"]("fapikdka|fapik"), ind["last_symbols"]("fapikdka|fapik"),
+          ind["first_symbols"]("fapikdka|fapik"), ind["repeat_last_copied"]("fapikdka|fapik")) == (
+              "ap", "ka", "fa", "kk")
+  assert set(ind) == {f"window_{j}" for j in range(1, 6)} | {
+      "last_symbols", "first_symbols", "repeat_last_copied"}
+  for name, q in (("var_assign_d1_math", "k=4, q=5, a=k, i=q, j=k, j=? "),
+                  ("var_assign_d1_code", "k=4;q=5;a=k;i=q;j=k;print(j) # ")):
+    h = P.get(name).heuristics()
+    assert {k: f(q) for k, f in h.items()} == {
+        "first_number": "4", "last_number": "5", "nearest_number_before_query": "5",
+        "most_referenced_number": "4"}
+
+
+def test_floors():
+  names = sorted(P.PRIMITIVES)
+  table = P.floors(names)
+  assert list(table) == names and table == P.floors([P.get(n) for n in names])
+  for name, (heuristic, floor) in table.items():
+    p = P.get(name)
+    assert (p.floor_heuristic, p.floor) == (heuristic, floor)
+    assert p.heuristic_scores()[heuristic] == floor
+    assert any(k.startswith("always '") for k in p.heuristic_scores())  # the prior's constant
+  groups = {}
+  for name in names:
+    groups.setdefault(P.get(name).group, []).append(table[name][1])
+  assert P.group_floor(names) == pytest.approx({g: np.mean(v) for g, v in groups.items()})
+  assert P.group_floor(names).keys() == P.group_chance(names).keys()
+  # Induction: any fixed window is the answer when the copy stops there (1/6), not chance 1/256.
+  ind = P.get("induction").heuristic_scores()
+  assert all(abs(ind[f"window_{j}"] - 1 / 6) < 0.03 for j in range(1, 6))
+  assert abs(ind["last_symbols"] - 1 / 6) < 0.03 and abs(table["induction"][1] - 1 / 6) < 0.03
+  # math_add: the larger operand is right when the other one is 0 (19 of 100 problems).
+  assert table["math_add"][0] == "larger_operand" and abs(table["math_add"][1] - 0.19) < 0.025
+  # Variable assignment: literals first, so no heuristic beats chance (was 0.75 at depth 1).
+  for name in VAR_NAMES:
+    assert max(P.get(name).heuristic_scores().values()) < P.get(name).chance + 0.04, name
+  assert P.get("math_add").heuristic_scores(100, seed=1) != P.get("math_add").heuristic_scores()
+
+
+def test_plot_draws_floor_beside_chance(tmp_path):
+  from midas_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
+  rows = [{"step": s, "val_loss": 3 - s / 10, "eval/group/math": s / 20} for s in (1, 2, 3)]
+  old = plots.accuracy_vs_val_loss({"a": rows}, tmp_path / "old.png", {"math": 0.05})
+  new = plots.accuracy_vs_val_loss({"a": rows}, tmp_path / "new.png", {"math": 0.05},
+                                   floor=P.group_floor(["math_add"]))
+  assert old.endswith("old.png") and new.endswith("new.png")
+  assert (tmp_path / "new.png").read_bytes()[:4] == b"\x89PNG"
+  assert (tmp_path / "new.png").read_bytes() != (tmp_path / "old.png").read_bytes()
 
 
 # ---------------------------------------------------------------- few-shot prompts

@@ -2,7 +2,8 @@
 
 `history(run_dir)` reads the trainer's eval rows back from `metrics.jsonl` (resumed runs
 included); `accuracy_vs_val_loss({label: rows}, path)` draws one panel per task group with one
-line per run, so runs that reach the same validation loss compare at equal perplexity.
+line per run, so runs that reach the same validation loss compare at equal perplexity, above
+the chance level and the floor of simple heuristics (`primitives.group_chance`, `group_floor`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ def groups(rows: list[dict]) -> list[str]:
 
 
 def accuracy_vs_val_loss(runs: dict[str, list[dict]], path, chance: dict | None = None,
-                         title: str = "Accuracy vs validation loss") -> str | None:
+                         title: str = "Accuracy vs validation loss",
+                         floor: dict | None = None) -> str | None:
   """One panel per task group: accuracy (y) against validation loss (x), a line per run.
 
-  `chance` maps a group to its chance level (drawn dashed). Returns the PNG path, or None if
+  `chance` maps a group to its chance level (drawn dashed, gray), `floor` to its best simple
+  heuristic's score (`primitives.group_floor`; dashed, red). Returns the PNG path, or None if
   no run has eval rows.
   """
   names = sorted({g for rows in runs.values() for g in groups(rows)})
@@ -43,6 +46,8 @@ def accuracy_vs_val_loss(runs: dict[str, list[dict]], path, chance: dict | None 
         ax.plot(*zip(*pts), marker="o", ms=3, label=label)
     if chance and g in chance:
       ax.axhline(chance[g], ls="--", color="gray", lw=1, label="chance")
+    if floor and g in floor:
+      ax.axhline(floor[g], ls="--", color="tab:red", lw=1, label="best heuristic")
     ax.set_title(g)
     ax.set_xlabel("validation loss")
     ax.invert_xaxis()  # training moves right: lower loss

@@ -1,4 +1,4 @@
-"""Reasoning primitives: seeded synthetic tasks with exact-match answers and chance levels.
+"""Reasoning primitives: seeded synthetic tasks with exact-match answers, chance levels and floors.
 
 The paper's "reasoning primitives" (Saunshi et al. 2024, §4): small
 tasks that are building blocks of reasoning, evaluated few-shot and after fine-tuning. Every
@@ -15,6 +15,10 @@ Formats (prompt, then answer, as Python strings):
       uniform in 1..length-answer_len. The answer is the next `answer_len` (2) symbols of the copy.
       Chance: (1/alphabet_size) ** answer_len, exact for a guesser uniform over the
       alphabet_size ** answer_len possible answers (the answer itself is uniform on them).
+      Floor: any fixed window of the sequence, its last symbols included, is the answer when
+      the copy stops there: 1/(length - answer_len) = 1/6, ~43x chance. Every window scores the
+      same, so keeping the answer off the last symbols would not lower it; only a longer
+      sequence would (at the cost of the prompt budget), so it is reported, not changed.
 
   var_assign_d{d}_math "q=5, a=3, x=q, m=a, f=x, f=? "        "5"
   var_assign_d{d}_code "q=5;a=3;x=q;m=a;f=x;print(f) # "      "5"
@@ -27,9 +31,15 @@ Formats (prompt, then answer, as Python strings):
       (the other variables): the first num_literals - 1 non-chain references point at the
       other literals, so every literal is referenced when there are enough of them (no
       "the referenced number" shortcut); the rest get a uniform depth in 1..depth and point at
-      a uniform variable one level down. Statements come in a random topological order: each
-      next statement is uniform among those whose right-hand side is already assigned, so a
-      variable is always assigned before it is referenced.
+      a uniform variable one level down. Statements: the literals first, in random order, then
+      the references in a random topological order (each next statement uniform among those
+      whose right-hand side is already assigned), so a variable is always assigned before it
+      is referenced. Literals first, because in any topological order the queried chain's
+      literal precedes the chain, so "the nearest number before the queried variable's
+      statement" would score 0.75 at depth 1 (chance 0.5) if literals could come later.
+      At depth 2 with 5 variables the queried variable is the only one 2 hops from a literal,
+      so resolving every variable and answering the deepest one's value, query unread, is
+      also right; a second chain as deep needs num_variables >= 6 (not the default).
       Chance: 1 / num_literals. The answer is always one of the num_literals distinct numbers
       in the prompt, and picking among them needs the indirections to be resolved, so a guesser
       uniform over the prompt's numbers scores exactly this; 1/len(value_range) would credit a
@@ -40,11 +50,25 @@ Formats (prompt, then answer, as Python strings):
   math_two_step        "3+4-2="                               "5"
       Pre-school math (ours): `steps` (1 or 2) operators from `ops` ("+", or "+-") over operands in
       0..max_operand (9), evaluated left to right; every intermediate result and the answer are
-      >= 0. Problems are uniform over all valid ones (uniform operands and operators, invalid
-      draws rejected). Chance: 1 / number of reachable answers, computed exactly from the
-      parameters (0..(steps+1)*max_operand here: 1/19, 1/19, 1/28).
+      >= 0. The operator sequence is uniform (math_add_sub: half additions), the operands
+      uniform among those that keep it valid (redrawn until they do). Uniform over all valid
+      problems instead, 64.5% of math_add_sub would be additions ("+" is always valid), and
+      "always add" would score 0.74. Chance: 1 / number of reachable answers, computed exactly
+      from the parameters (0..(steps+1)*max_operand here: 1/19, 1/19, 1/28).
 
-Seeds: `examples(n, seed)` is the evaluation stream of a primitive. The few-shot shots
+Floors: chance credits a guesser that knows only the answer's format; simple heuristics that
+skip the task's computation do better, e.g. the larger operand on math_add (right whenever the
+other is 0: 0.19) or "always add" on math_add_sub (0.59: half the problems, plus "x-0"). Each
+primitive's `heuristics()` (named prompt -> answer guessers; `heuristic_scores` adds the train
+stream's most frequent answer) are scored by exact match on FLOOR_EXAMPLES (2000) examples of
+the evaluation stream for FLOOR_SEED (0), cached per primitive. `floor` is the score of the
+one that scores best on as many train-stream examples (`floor_heuristic`), so selecting among
+several equally good ones (induction's windows) does not inflate it. `group_floor` and
+`floors` mirror `group_chance`. Heuristics that resolve the task's structure (an induction
+head matching the copy, following references) are the skills measured, not floors.
+
+Seeds: `examples(n, seed)` is the evaluation stream of a primitive, a pure function of the
+primitive's fields, n and seed (tests pin the first examples' hash). The few-shot shots
 (`few_shot_set`) and the seqio train/validation splits (`register_seqio_tasks`) come from other
 streams, seeded `default_rng([crc32(name), stream, seed])`, so they never share draws with the
 evaluation queries (tiny problem spaces such as math_add still repeat contents across streams).
@@ -53,10 +77,12 @@ evaluation queries (tiny problem spaces such as math_add still repeat contents a
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
+import functools
 import string
 import zlib
-from typing import ClassVar, Optional, Sequence, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import gin
 import numpy as np
@@ -65,6 +91,7 @@ SEPARATOR = "\n"
 SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits  # induction alphabet
 TASK_PREFIX = "midas_primitive_"
 _EVAL, _SHOTS, _TRAIN, _VALIDATION = range(4)  # seed streams of one primitive
+FLOOR_EXAMPLES, FLOOR_SEED = 2000, 0  # the floors' sample: binomial std <= 0.011
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +115,28 @@ class Primitive(abc.ABC):
   def sample(self, rng: np.random.Generator) -> Example:
     """One example drawn with `rng`."""
 
+  def heuristics(self) -> dict[str, Callable[[str], str]]:
+    """Named simple guessers, prompt -> answer, that skip what the task asks to compute (the
+    floor's candidates; `heuristic_scores` adds the most frequent answer)."""
+    return {}
+
+  def heuristic_scores(self, n: int = FLOOR_EXAMPLES, seed: int = FLOOR_SEED) -> dict[str, float]:
+    """Exact-match accuracy of each heuristic on `examples(n, seed)`, plus "always '<a>'": the
+    most frequent answer of n examples of the train stream (a prior a model can learn)."""
+    return dict(_measure(self, n, seed)[0])
+
+  @property
+  def floor(self) -> float:
+    """Evaluation-stream score of `floor_heuristic` (FLOOR_EXAMPLES examples, FLOOR_SEED)."""
+    scores, best = _measure(self, FLOOR_EXAMPLES, FLOOR_SEED)
+    return scores[best]
+
+  @property
+  def floor_heuristic(self) -> str:
+    """The heuristic that scores best on the train stream (so picking the best of several on
+    the evaluation stream itself does not inflate the floor)."""
+    return _measure(self, FLOOR_EXAMPLES, FLOOR_SEED)[1]
+
   def examples(self, n: int, seed: int) -> list[Example]:
     """The first `n` examples of this primitive's evaluation stream for `seed`."""
     return self._stream(n, seed, _EVAL)
@@ -98,6 +147,20 @@ class Primitive(abc.ABC):
   def _stream(self, n: int, seed: int, stream: int) -> list[Example]:
     rng = self._rng(seed, stream)
     return [self.sample(rng) for _ in range(n)]
+
+
+def _score(guess: Callable[[str], str], examples: Sequence[Example]) -> float:
+  return sum(guess(e.prompt) == e.answer for e in examples) / len(examples)
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(p: Primitive, n: int, seed: int) -> tuple[dict[str, float], str]:
+  """(evaluation-stream score of each heuristic, the heuristic best on the train stream)."""
+  train, evaluation = p._stream(n, seed, _TRAIN), p._stream(n, seed, _EVAL)
+  prior = collections.Counter(e.answer for e in train).most_common(1)[0][0]
+  guessers = {**p.heuristics(), f"always {prior!r}": lambda prompt: prior}
+  best = max(guessers, key=lambda name: _score(guessers[name], train))  # first of ties
+  return {name: _score(g, evaluation) for name, g in guessers.items()}, best
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +184,17 @@ class Induction(Primitive):
   @property
   def chance(self) -> float:
     return (1.0 / self.alphabet_size) ** self.answer_len
+
+  def heuristics(self):
+    # Fixed windows of the sequence, blind to the copy's length: each is right when the copy
+    # stops there, 1/(length - answer_len) of problems. Matching the copy against the sequence
+    # (an induction head) is the skill itself, not a heuristic.
+    a, last = self.answer_len, self.length - self.answer_len
+    out = {f"window_{j}": (lambda q, j=j: q[j:j + a]) for j in range(1, last)}
+    out["last_symbols"] = lambda q: q[last:self.length]
+    out["first_symbols"] = lambda q: q[:a]
+    out["repeat_last_copied"] = lambda q: q[-1] * a
+    return out
 
   def sample(self, rng):
     seq = "".join(SYMBOLS[i] for i in rng.integers(0, self.alphabet_size, self.length))
@@ -166,6 +240,37 @@ class VarAssign(Primitive):
   def chance(self) -> float:
     return 1.0 / self.literals
 
+  def _program(self, prompt: str) -> tuple[list[tuple[str, str]], str]:
+    """(statements [(name, right-hand side)], queried name) of a prompt."""
+    if self.code:
+      body, query = prompt[:-len(") # ")].split(";print(")
+      stmts = body.split(";")
+    else:
+      body, query = prompt[:-len("=? ")].rsplit(", ", 1)
+      stmts = body.split(", ")
+    return [tuple(st.split("=")) for st in stmts], query
+
+  def heuristics(self):
+    # Guesses among the prompt's numbers that follow no reference. nearest_number_before_query
+    # profits from the topological order: the chain's literal always precedes the chain.
+    def numbers(q):
+      stmts, query = self._program(q)
+      names = [v for v, _ in stmts]
+      nums = [(i, rhs) for i, (_, rhs) in enumerate(stmts) if rhs.isdigit()]
+      return stmts, names.index(query), nums
+
+    def nearest(q):
+      _, at, nums = numbers(q)
+      return ([x for i, x in nums if i < at] or [nums[0][1]])[-1]
+
+    def most_referenced(q):
+      stmts, _, nums = numbers(q)
+      refs = collections.Counter(rhs for _, rhs in stmts)
+      return max(nums, key=lambda n: refs[stmts[n[0]][0]])[1]
+    return {"first_number": lambda q: numbers(q)[2][0][1],
+            "last_number": lambda q: numbers(q)[2][-1][1],
+            "nearest_number_before_query": nearest, "most_referenced_number": most_referenced}
+
   def sample(self, rng):
     n, d, r = self.num_variables, self.depth, self.literals
     # Roles by index (names are shuffled below): 0..r-1 literals (0 roots the queried chain),
@@ -180,8 +285,9 @@ class VarAssign(Primitive):
       below = [v for v in range(n) if level[v] == level[i] - 1]
       target.append(j + 1 if j < r - 1 else below[int(rng.integers(len(below)))])
     order, done = [], set()
-    while len(order) < n:
-      ready = [v for v in range(n) if v not in done and (target[v] is None or target[v] in done)]
+    while len(order) < n:  # literals first (a random order of them), then a random topological one
+      ready = [v for v in range(n) if v not in done and
+               (target[v] is None if len(order) < r else target[v] in done)]
       order.append(ready[int(rng.integers(len(ready)))])
       done.add(order[-1])
     names = [self.names[i] for i in rng.permutation(len(self.names))[:n]]
@@ -220,10 +326,28 @@ class Arithmetic(Primitive):
   def chance(self) -> float:
     return 1.0 / len(self.answers())
 
+  def heuristics(self):
+    def terms(q):
+      nums = [int(x) for x in q[:-1].replace("-", "+").split("+")]
+      return nums, [c for c in q if c in "+-"]
+    out = {"first_operand": lambda q: str(terms(q)[0][0]),
+           "last_operand": lambda q: str(terms(q)[0][-1]),
+           "larger_operand": lambda q: str(max(terms(q)[0]))}  # right when the others are 0
+    if len(set(self.ops)) > 1:  # with one operator, "always apply it" is the task itself
+      out["always_add"] = lambda q: str(sum(terms(q)[0]))
+      out["always_subtract"] = lambda q: str(2 * terms(q)[0][0] - sum(terms(q)[0]))
+    if self.steps > 1:
+      out["first_step_only"] = lambda q: str(_evaluate(terms(q)[0][:2], terms(q)[1][:1]))
+    return out
+
   def sample(self, rng):
-    while True:  # rejection keeps problems uniform over the valid ones (>= 1/2 accepted per step)
+    # The operators are drawn once per problem, only the operands are redrawn until every
+    # intermediate result is >= 0: operator sequences are uniform (rejecting whole problems
+    # would favour "+", always valid: 64.5% of math_add_sub), operands uniform given them.
+    ops = None
+    while True:
       nums = rng.integers(0, self.max_operand + 1, self.steps + 1)
-      ops = [self.ops[i] for i in rng.integers(0, len(self.ops), self.steps)]
+      ops = ops or [self.ops[i] for i in rng.integers(0, len(self.ops), self.steps)]
       acc, ok = int(nums[0]), True
       for op, y in zip(ops, nums[1:]):
         acc = acc + int(y) if op == "+" else acc - int(y)
@@ -231,6 +355,14 @@ class Arithmetic(Primitive):
       if ok:
         return Example(str(nums[0]) + "".join(f"{op}{y}" for op, y in zip(ops, nums[1:])) + "=",
                        str(acc))
+
+
+def _evaluate(nums: Sequence[int], ops: Sequence[str]) -> int:
+  """Left to right."""
+  acc = nums[0]
+  for op, y in zip(ops, nums[1:]):
+    acc = acc + y if op == "+" else acc - y
+  return acc
 
 
 def _default_primitives() -> dict[str, Primitive]:
@@ -259,6 +391,21 @@ def group_chance(tasks) -> dict[str, float]:
     p = get(t) if isinstance(t, str) else t
     out.setdefault(p.group, []).append(p.chance)
   return {g: sum(v) / len(v) for g, v in out.items()}
+
+
+def group_floor(tasks) -> dict[str, float]:
+  """Mean floor of each group over `tasks` (names or `Primitive`s), as `group_chance`."""
+  out: dict[str, list[float]] = {}
+  for t in tasks:
+    p = get(t) if isinstance(t, str) else t
+    out.setdefault(p.group, []).append(p.floor)
+  return {g: sum(v) / len(v) for g, v in out.items()}
+
+
+def floors(tasks) -> dict[str, tuple[str, float]]:
+  """Task name -> (floor heuristic, floor) for `tasks` (names or `Primitive`s)."""
+  ps = [get(t) if isinstance(t, str) else t for t in tasks]
+  return {p.name: (p.floor_heuristic, p.floor) for p in ps}
 
 
 def few_shot_prompt(shots: Sequence[Example], query: Example) -> str:

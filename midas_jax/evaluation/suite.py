@@ -48,6 +48,11 @@ class PrimitiveEval:
     """Mean chance level of each group's tasks (the dashed line of the iso-perplexity plot)."""
     return primitives.group_chance(self.tasks)
 
+  @property
+  def group_floor(self) -> dict:
+    """Each group's best simple-heuristic accuracy (the plot's second dashed line)."""
+    return primitives.group_floor(self.tasks)
+
 
 @gin.configurable(module="midas_jax.evaluation")
 class LmEval:
@@ -98,4 +103,11 @@ class Evals:
     out = {}
     for ev in self.evals:
       out.update(getattr(ev, "group_chance", None) or {})
+    return out
+
+  @property
+  def group_floor(self) -> dict:
+    out = {}
+    for ev in self.evals:
+      out.update(getattr(ev, "group_floor", None) or {})
     return out

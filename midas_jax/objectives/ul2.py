@@ -8,8 +8,12 @@ with t5's `random_spans_noise_mask`:
   inputs   [mode] a b <s0> e f <s1> EOS
   targets  <s0> c d <s1> g h EOS        len(inputs) + len(targets) = L + 2 * num_spans + 3
 
-Sentinel j is `vocab.sentinel_ids[j % num_sentinels]`: with more spans than sentinels they are
-reused cyclically, which `reconstruct` still inverts because spans come in order. The S (prefix)
+Sentinel j is `vocab.sentinel_ids[j]`, so every span of an example is named uniquely: `check`
+refuses a vocabulary with fewer sentinels than `max_spans` of some denoiser at seq_len (3 + 255
+extra ids at seq_len 2048 with the default denoisers). With `UL2(allow_sentinel_reuse=True)` it
+only warns, and sentinel j is `sentinel_ids[j % num_sentinels]`, reused cyclically; `reconstruct`
+still inverts that because spans come in order, but a model can no longer tell which span a
+repeated sentinel names. The S (prefix)
 denoiser gives inputs `[S2S] + chunk[:k]`, targets `chunk[k:]` (no EOS added: the document's own
 EOS ends its last chunk, as in CLM and prefix_lm), with k uniform in [1, L-1] (k=0 if L=1).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import ClassVar, Optional
 
@@ -110,6 +115,10 @@ class Denoiser:
     """The longest chunk whose example fits `seq_len` (0 if none)."""
     return _max_chunk(self, seq_len)
 
+  def max_spans(self, seq_len: int) -> int:
+    """The most noise spans (one sentinel each) an example can have at `seq_len`."""
+    return _max_spans(self, seq_len)
+
   def encode(self, chunk_L: np.ndarray, rng: np.random.Generator,
              vocab: base.VocabInfo) -> dict[str, np.ndarray]:
     """The example of one chunk (see the module docstring)."""
@@ -146,6 +155,21 @@ def _max_chunk(denoiser: Denoiser, seq_len: int) -> int:
   return lo
 
 
+@functools.lru_cache(maxsize=None)
+def _max_spans(denoiser: Denoiser, seq_len: int) -> int:
+  # Every chunk length up to max_chunk occurs (document tails), and the span count depends on
+  # the length alone; it is monotone in it, but the max over all lengths needs no proof of that.
+  if denoiser.kind == 'prefix':
+    return 0
+  return max(span_counts(n, denoiser.noise_density, denoiser.mean_span_length)[1]
+             for n in range(denoiser.max_chunk(seq_len) + 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  logging.getLogger('midas_jax').warning(message)
+
+
 DEFAULT_DENOISERS = (
     Denoiser('span', 0.15, 3, '[NLU]'), Denoiser('span', 0.15, 8, '[NLU]'),
     Denoiser('span', 0.5, 3, '[NLG]'), Denoiser('span', 0.5, 8, '[NLG]'),
@@ -159,10 +183,13 @@ class UL2:
   """A mixture of denoisers with mixing `rates` (relative weights; None = uniform).
 
   `denoisers` entries are `Denoiser`s or their field tuples, e.g. ('span', 0.5, 3, '[NLG]').
-  A denoiser with rate 0 is never drawn, and `check` ignores it.
+  A denoiser with rate 0 is never drawn, and `check` ignores it. `allow_sentinel_reuse`: let
+  `check` warn instead of raising when an example can have more spans than the vocabulary has
+  sentinels (they are then reused cyclically; see the module docstring).
   """
   denoisers: tuple[Denoiser, ...] = DEFAULT_DENOISERS
   rates: Optional[tuple[float, ...]] = None
+  allow_sentinel_reuse: bool = False
   name: ClassVar[str] = 'ul2'
   feature_converter: ClassVar[str] = 'prefix_lm'
   features: ClassVar[tuple[str, ...]] = ('inputs', 'targets')
@@ -201,6 +228,29 @@ class UL2:
       if seq_len < need:
         raise ValueError(f'UL2 denoiser {d} needs seq_len >= {need}, got seq_len={seq_len}; '
                          'use a longer sequence or set its rate to 0.')
+    self.check_sentinels(vocab.extra_ids - len(base.MODES), seq_len)
+
+  def check_sentinels(self, num_sentinels: int, seq_len: int) -> None:
+    """ValueError (a warning if allow_sentinel_reuse) if an example at `seq_len` can have more
+    spans than `num_sentinels`, naming each denoiser's need and the fixes."""
+    need = [(d, d.max_spans(seq_len)) for d, r in zip(self.denoisers, self.rates) if r > 0]
+    worst = max(n for _, n in need)
+    if worst <= num_sentinels:  # checked per document: keep the passing path cheap
+      return
+    short = ', '.join(f'{d} {n}' for d, n in need if n > num_sentinels)
+    extra = worst + len(base.MODES)
+    message = (f'UL2 at seq_len={seq_len}: examples can have up to {worst} noise '
+               f'spans ({short}), but the vocabulary has {num_sentinels} sentinels '
+               f'(extra_ids={num_sentinels + len(base.MODES)}: 3 mode tokens, the rest '
+               f'sentinels). Use a vocabulary with extra_ids >= {extra} (gin: '
+               f'midas_jax.data.vocabulary.extra_ids = {extra}, within the model\'s vocab_size), '
+               'a shorter seq_len, or fewer / longer spans (a lower noise_density or a higher '
+               'mean_span_length, or rate 0 for those denoisers)')
+    if not self.allow_sentinel_reuse:
+      raise ValueError(message + '; or reuse sentinels cyclically with '
+                       'midas_jax.objectives.UL2.allow_sentinel_reuse = True.')
+    _warn_once(message + '. allow_sentinel_reuse=True: sentinels are reused cyclically, so '
+               'spans of one example are no longer uniquely named.')
 
   def examples(self, tokens_T: np.ndarray, rng: np.random.Generator, seq_len: int,
                vocab: base.VocabInfo) -> list[dict[str, np.ndarray]]:
