@@ -60,6 +60,7 @@ class RunSpec:
   primitive_eval: Callable | None
   compile_cache_dir: str | None = "auto"
   init_from_hf: str | None = None
+  microbatches: int = 1
 
   @property
   def total_steps(self) -> int:
@@ -80,6 +81,19 @@ class Timers:
   eval: float = 0.0
   checkpoint: float = 0.0
   checkpoint_final_wait: float = 0.0
+
+
+@gin.configurable(module="midas_jax.stage_loop")
+def compile_ahead(depths: str = "next") -> str:
+  """When each depth's executables compile: 'next' (the next stage's in the background while
+  the current one trains, so an accelerator never waits on a boundary's compile) or 'all'
+  (every depth of the schedule before the first step). 'all' is for CPU-only hosts, where a
+  background compile takes cores from the training steps: the train time of each stage is
+  then the steps' own, and the compile time is reported beside it, not mixed into it."""
+  if depths not in ("next", "all"):
+    raise ValueError(f"compile_ahead.depths={depths!r}: use 'next' (compile the next stage's "
+                     "depth while the current one trains) or 'all' (every depth before step 1).")
+  return depths
 
 
 def run_wall_s(wall_time_s: dict) -> float:
@@ -173,6 +187,7 @@ class StageLoop:
     self.state = None
     self.step = self.depth = 0
     self.elapsed0 = 0.0  # run time before this process (resumed runs), for `elapsed_s`
+    self.stage_clock: float | None = None  # the current stage's train-time origin
     self.metrics_rows: int | None = 0  # metrics rows the restored checkpoint had seen
     self.resumed_from = 0
     self.exes: Executables | None = None
@@ -200,6 +215,9 @@ class StageLoop:
     narrow = sharding.narrow_fsdp_warning(spec.model, self.mesh)
     if narrow:
       log.warning("%s", narrow)
+    steps.check_microbatches(spec.batch_size, spec.microbatches,
+                             self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+    self.compile_ahead = compile_ahead()
     self.operative = gin.operative_config_str()  # after the configurables above have run
 
   def _target(self, depth: int):
@@ -215,6 +233,8 @@ class StageLoop:
       self.step, meta, self.state = restored
       self.depth, self.elapsed0 = int(meta["depth"]), float(meta.get("elapsed_s", 0.0))
       self.metrics_rows = meta.get("metrics_rows")
+      self.timers = Timers(**{k: float(v) for k, v in meta.get("timers", {}).items()
+                              if k in Timers.__dataclass_fields__})
       log.info("Resumed from the step-%d checkpoint (stage %s, depth %d, %s) in %s", self.step,
                meta.get("stage"), self.depth, meta.get("phase"), self.ckpt.directory)
       if meta.get("gin_config") not in (None, self.operative):
@@ -277,11 +297,35 @@ class StageLoop:
         growth_strategy=spec.growth_strategy, opt_state_mode=spec.opt_state_mode,
         batch=sharding.global_batch(first, self.mesh),
         eval_batch=self.val_batches[0] if self.val_batches else None, mesh=self.mesh,
-        rules=self.rules, eval_depths=schedule_lib.eval_depths(spec.stages, spec.eval_every))
-    self.batches = itertools.chain([first], batches)
+        rules=self.rules, eval_depths=schedule_lib.eval_depths(spec.stages, spec.eval_every),
+        microbatches=spec.microbatches)
+    self.batches, self.first_batch = itertools.chain([first], batches), first
     self.exes.submit(spec.stages[self.first_stage].depth, jax.eval_shape(lambda: self.state))
+    if self.compile_ahead == "all":
+      self._compile_every_depth()
     self._check_final_depth_fits()
     self.bar = Progress(spec.total_steps, spec.progress, spec.log_every, initial=self.step)
+
+  def _compile_every_depth(self) -> None:
+    """Compile every remaining depth now (each from the state shapes of the depth before), wait
+    for them, and run each train step once on a zero state: an executable's first run is
+    slower than the rest (buffer set-up), and that should not land on the stage's steps. The
+    whole wait counts as compile time."""
+    stages = self.spec.stages[self.first_stage:]
+    for prev, stage in zip(stages, stages[1:]):
+      prev_spec = steps.init_state_shapes(self.spec.model.replace(num_layers=prev.depth), self.tx)
+      self.exes.submit(stage.depth, prev_spec)
+    t = time.perf_counter()
+    batch = sharding.global_batch(self.first_batch, self.mesh)
+    for stage in stages:
+      ex = self.exes.get(stage.depth)[0]
+      zeros = jax.tree_util.tree_map(
+          lambda x, sh: jax.device_put(np.zeros(x.shape, x.dtype), sh), ex.state_spec,
+          self.exes.shardings(ex.state_spec))
+      jax.block_until_ready(ex.step(zeros, batch))
+    self.timers.compile += time.perf_counter() - t
+    log.info("Compiled all %d depths before training, in %.1fs", len({s.depth for s in stages}),
+             time.perf_counter() - t)
 
   def _check_final_depth_fits(self) -> None:
     """On a device that reports its memory, compile the final depth's train step next, in the
@@ -328,7 +372,7 @@ class StageLoop:
     """Train from the current step to stage `si`'s end; True if preempted (SIGTERM)."""
     spec, end = self.spec, self.ends[si]
     fpt = train_flops_per_token(spec.model, spec.seq_len, self.depth)
-    t_stage = time.perf_counter()
+    t_stage = self.stage_clock = time.perf_counter()
     t_prev, pending, done, preempted = t_stage, None, 0, False
     for _ in range(end - self.step):
       # Dispatch this step before fetching the previous one's loss, so the host never
@@ -347,12 +391,14 @@ class StageLoop:
       if not preempted:
         self._periodic(si, ex, end)
       t_stage += time.perf_counter() - t_pause
+      self.stage_clock = t_stage
       if preempted:
         break
     if pending is not None:
       self._record(si, pending, fpt, t_prev)
     stage_time = time.perf_counter() - t_stage
     self.timers.train += stage_time
+    self.stage_clock = None
     if done:
       self.stage_rows.append(self._stage_row(si, done, fpt, stage_time, ex.seconds))
     return preempted
@@ -408,7 +454,17 @@ class StageLoop:
             "data_position": self.step, "seed": self.spec.seed, "num_data_shards": self.nproc,
             "schedule": [[st.depth, st.steps] for st in self.spec.stages],
             "gin_config": self.operative, "metrics_rows": self.writer.rows,
-            "elapsed_s": self.elapsed0 + time.perf_counter() - self.t_start}
+            "elapsed_s": self.elapsed0 + time.perf_counter() - self.t_start,
+            "timers": self._timers_so_far()}
+
+  def _timers_so_far(self) -> dict:
+    """`timers` up to now, the stage in progress's training included: a resumed run adds
+    them to its own, so its summary times the whole run (the steps redone after the
+    checkpoint count twice, as they ran twice)."""
+    t = dataclasses.asdict(self.timers)
+    if self.stage_clock is not None:
+      t["train"] += time.perf_counter() - self.stage_clock
+    return t
 
   def save(self, si: int, phase: str) -> None:
     """Checkpoint the current state (a step already saved is kept as it is)."""
@@ -496,7 +552,8 @@ class StageLoop:
     png = plots.accuracy_vs_val_loss(
         {name: plots.history(self.run_dir)}, self.run_dir / "accuracy_vs_val_loss.png",
         getattr(self.spec.primitive_eval, "group_chance", None),
-        title=f"{name}: accuracy vs validation loss")
+        title=f"{name}: accuracy vs validation loss",
+        floor=getattr(self.spec.primitive_eval, "group_floor", None))
     if png:
       self.bar.write(f"Wrote {png}")
 
@@ -522,7 +579,7 @@ class StageLoop:
         "final_loss_avg10": float(np.mean(losses[-10:])) if losses else None,
         "final_val_loss": val_loss, "final_depth": self.depth,
         "growth_strategy": spec.growth_strategy, "opt_state_mode": spec.opt_state_mode,
-        "compile_work_s": round(self.exes.work_s, 3),
+        "microbatches": spec.microbatches, "compile_work_s": round(self.exes.work_s, 3),
         "wall_time_s": {"total": round(wall, 3), **{k: round(v, 3) for k, v in timers.items()},
                         "other": round(wall - sum(timers.values()), 3)},
         "stages": rows, "growth_events": self.growth_events, "flops": flops,

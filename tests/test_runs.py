@@ -172,6 +172,9 @@ def test_resume_writes_every_metrics_row_exactly_once(tmp_path, caplog, monkeypa
   # The step-9 checkpoint counts every row of steps up to 9 (its evaluation's too), none after.
   meta = checkpoint.load_params(run, 9)[1]
   assert rows[:meta["metrics_rows"]] == [r for r in rows if r["step"] <= 9]
+  # Its timers hold the 9 steps' training, stage 2's partial 3 included.
+  stage1_s = json.loads((run / "summary.json").read_text())["stages"][0]["train_time_s"]
+  assert stage1_s < meta["timers"]["train"] and meta["timers"]["growth"] > 0
   # Killed after step 11 was logged: no later checkpoint, no summary, a torn last line.
   shutil.rmtree(run / "checkpoints" / "12")
   (run / "summary.json").unlink()
@@ -180,7 +183,11 @@ def test_resume_writes_every_metrics_row_exactly_once(tmp_path, caplog, monkeypa
   monkeypatch.setattr(logging.getLogger("midas_jax"), "propagate", True)
   caplog.set_level(logging.WARNING, logger="midas_jax")
   _parse(tmp_path, *args, "--gin.midas_jax.train.train.log_every=5")  # its gin config changed
-  assert train_lib.train(datasets_fn=_synthetic)["resumed_from_step"] == 9
+  resumed = train_lib.train(datasets_fn=_synthetic)
+  assert resumed["resumed_from_step"] == 9
+  # The resumed run's summary times the whole run: the first process's 9 steps and growth too.
+  assert resumed["wall_time_s"]["train"] > meta["timers"]["train"]
+  assert resumed["wall_time_s"]["growth"] == pytest.approx(meta["timers"]["growth"], abs=1e-3)
   assert _rows(run) == rows and _event_steps(run) == events  # same rows, once each, in order
   where = run / "checkpoints" / "9" / "meta"
   assert f"The checkpoint's is in {where}." in caplog.text and (where / "metadata").exists()
@@ -335,7 +342,8 @@ def test_kills_at_random_moments_resume_bitwise_with_every_row_once(tmp_path):
   async save in flight, right after a resume, at a random step), rerunning the same command
   after each: the final state is bitwise that of an uninterrupted run, and metrics.jsonl and
   TensorBoard hold the same rows, each once."""
-  args = ["--gin.STAGES=[(2, 12), (4, 12)]", "--gin.CHECKPOINT_EVERY=4", "--gin.EVAL_EVERY=6",
+  # Stage 2 is long enough that a loaded host still catches every moment before the run ends.
+  args = ["--gin.STAGES=[(2, 12), (4, 36)]", "--gin.CHECKPOINT_EVERY=4", "--gin.EVAL_EVERY=6",
           "--gin.midas_jax.train.train.progress='log'", "--gin.midas_jax.train.train.log_every=1"]
   reference, run = tmp_path / "reference", tmp_path / "run"
   proc = _spawn(["-m", "midas_jax.train"], reference, *args)
