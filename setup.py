@@ -29,7 +29,7 @@ setup(
     ],
     # tpu: libtpu for the installed jax, which also AOT-compiles for TPU slices on any machine
     # (python -m midas_jax.aot); the tests use it, so launch/test.sh installs it.
-    extras_require={"test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
                     "tpu": ["jax[tpu]"],
                     # hf: check exports against transformers (tests/test_interop.py); ~1-6 GB
                     "hf": ["transformers>=5", "torch>=2.1", "sentencepiece", "protobuf"]},

@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test,tpu]"
-exec .venv/bin/python -m pytest -q "$@"
+# Two pytest workers (pytest-xdist), one per core of the 2-core CI machine: the suite's whole runs
+# and compiles are mostly single-threaded. PYTEST_WORKERS=0 runs in one process.
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
