@@ -493,12 +493,19 @@ def _report_overheads(args, bindings, only: set, out: dict) -> None:
           f", {100 * r['on']['eval_s'] / r['on']['wall_s']:.1f}% of the run)")
 
 
-def main(argv=None) -> None:
-  p = _parser()
+def parse_args(p: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, list, list]:
+  """(flags, gin bindings, argv) of a command line: `--gin.X=V` / `--gin_bindings=` pass
+  through to gin, anything else unknown is an argparse error."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args, bindings = p.parse_known_args(argv)
   if any(not b.startswith(("--gin.", "--gin_bindings=")) for b in bindings):
     p.error(f"unrecognized arguments: {' '.join(bindings)}")
+  return args, bindings, argv
+
+
+def main(argv=None) -> None:
+  p = _parser()
+  args, bindings, argv = parse_args(p, argv)
   logging.getLogger("midas_jax").setLevel(logging.WARNING)
   only = set(args.only or ("matmul", "step", "speedup"))
   dev = jax.devices()[0]

@@ -113,10 +113,7 @@ def _write(out: dict, directory: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
   p = _parser()
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args, bindings = p.parse_known_args(argv)
-  if any(not b.startswith(("--gin.", "--gin_bindings=")) for b in bindings):
-    p.error(f"unrecognized arguments: {' '.join(bindings)}")
+  args, bindings, argv = bench.parse_args(p, argv)
   models = [m for m in args.models.split(",") if m]
   batches = [int(b) for b in args.batch.split(",")]
   if len(batches) not in (1, len(models)):
