@@ -189,6 +189,60 @@ def _constrain_fitted(x, axes):
       P.UNCONSTRAINED if d % n else a for d, n, a in zip(x.shape, shards, spec))))
 
 
+def _project_qkv(x_NxD, wq, wk, wv, B: int, T: int):
+  """(q `BxTxHxK`, k and v `BxTxKVxK`) of the N = B*T tokens `x_NxD` under the gathered
+  kernels `wq` (D, H, K) and `wk`, `wv` (D, KV, K), named `qkv_proj` for remat policies."""
+  D, H, K = wq.shape
+  KV = wk.shape[1]
+  G = H // KV
+  heads_shards, kv_shards = _shards(("heads", "kv_heads"))
+  if G == 1 or (kv_shards == heads_shards and KV % kv_shards == 0):
+    # One matmul for q, k and v (parameters stay separate; H*K + 2*KV*K columns): a wider
+    # matmul runs closer to peak. The columns go group-major, per kv head C = G + 2 blocks
+    # [its G query heads | k | v], so heads stay the major output axis and tensor-parallel
+    # sharding survives the reshapes (G = 1 is multi-head attention's (D, H, 3, K) stack).
+    C = G + 2
+    w_DxKVxCxK = jnp.concatenate([wq.reshape(D, KV, G, K), wk[:, :, None], wv[:, :, None]], 2)
+    qkv_BxTxKVxCxK = checkpoint_name(
+        (x_NxD @ w_DxKVxCxK.reshape(D, KV * C * K)).reshape(B, T, KV, C, K), "qkv_proj")
+    q_BxTxHxK = qkv_BxTxKVxCxK[:, :, :, :G].reshape(B, T, H, K)
+    k_BxTxKVxK, v_BxTxKVxK = qkv_BxTxKVxCxK[:, :, :, G], qkv_BxTxKVxCxK[:, :, :, G + 1]
+  else:
+    # The kv heads cannot shard like the query heads (fewer kv heads than tensor shards, so
+    # their kernels are replicated): one fused weight would mix a head-sharded q part with
+    # a replicated k/v part, which XLA lays out only by replicating it whole every step
+    # ("involuntary full rematerialization"). So q gets its own matmul; k and v share one.
+    q_BxTxHxK = checkpoint_name((x_NxD @ wq.reshape(D, H * K)).reshape(B, T, H, K), "qkv_proj")
+    w_DxKVx2xK = jnp.stack([wk, wv], 2)
+    kv_BxTxKVx2xK = checkpoint_name(
+        (x_NxD @ w_DxKVx2xK.reshape(D, KV * 2 * K)).reshape(B, T, KV, 2, K), "qkv_proj")
+    k_BxTxKVxK, v_BxTxKVxK = kv_BxTxKVx2xK[:, :, :, 0], kv_BxTxKVx2xK[:, :, :, 1]
+  return q_BxTxHxK, k_BxTxKVxK, v_BxTxKVxK
+
+
+def _xla_attention(q_BxTxHxK, k_BxTxKVxK, v_BxTxKVxK, mask_BxTxT, dt):
+  """Softmax attention of q over k/v under `mask_BxTxT`, grouped-query where KV < H."""
+  B, T, H, K = q_BxTxHxK.shape
+  KV = k_BxTxKVxK.shape[2]
+  G = H // KV
+  # Heads-major batched matmuls (several times faster than BxTxHxK on CPU), each kv head's
+  # G query heads stacked along the query axis (BxKVx(G*T)xK): GQA without repeating k/v,
+  # and with G = 1 exactly the multi-head matmuls. The 1/sqrt(K) scale goes on q, not on
+  # the T/K times larger scores.
+  q_BxKVxGTxK = jnp.transpose((q_BxTxHxK * (1 / np.sqrt(K))).reshape(B, T, KV, G, K),
+                              (0, 2, 3, 1, 4)).reshape(B, KV, G * T, K)
+  k_BxKVxTxK, v_BxKVxTxK = (jnp.swapaxes(t, 1, 2) for t in (k_BxTxKVxK, v_BxTxKVxK))
+  scores = jnp.einsum("bhqk,bhtk->bhqt", q_BxKVxGTxK, k_BxKVxTxK).astype(jnp.float32)
+  scores_BxKVxGxTxT = jnp.where(mask_BxTxT[:, None, None],
+                                scores.reshape(B, KV, G, T, T), -1e30)
+  probs_BxKVxGTxT = jax.nn.softmax(scores_BxKVxGxTxT, axis=-1).astype(dt).reshape(
+      B, KV, G * T, T)
+  out_BxKVxGTxK = jnp.einsum("bhqt,bhtk->bhqk", probs_BxKVxGTxT, v_BxKVxTxK)
+  out_BxTxHxK = jnp.transpose(out_BxKVxGTxK.reshape(B, KV, G, T, K),
+                              (0, 3, 1, 2, 4)).reshape(B, T, H, K)
+  return out_BxTxHxK
+
+
 class Attention(nn.Module):
   """Causal self-attention with rotary embeddings; grouped-query where `num_kv_heads` < heads.
 
@@ -205,7 +259,6 @@ class Attention(nn.Module):
     segment) and `prefix_mask_BxT` instead and builds its masks from them."""
     c = self.config
     D, H, KV, K = c.d_model, c.num_heads, c.kv_heads, c.head_dim
-    G = H // KV
     dt = c.compute_dtype
     qkv_init = _kernel_init(0, (1, 2))
     q_axes, kv_axes = ("embed", "heads", "kv"), ("embed", "kv_heads", "kv")
@@ -219,28 +272,7 @@ class Attention(nn.Module):
     x_NxD = x_BxTxD.astype(dt).reshape(B * T, D)
     wq, wk, wv = (_gathered(w, a, dt) for w, a in
                   ((wq_DxHxK, q_axes), (wk_DxKVxK, kv_axes), (wv_DxKVxK, kv_axes)))
-    heads_shards, kv_shards = _shards(("heads", "kv_heads"))
-    if G == 1 or (kv_shards == heads_shards and KV % kv_shards == 0):
-      # One matmul for q, k and v (parameters stay separate; H*K + 2*KV*K columns): a wider
-      # matmul runs closer to peak. The columns go group-major, per kv head C = G + 2 blocks
-      # [its G query heads | k | v], so heads stay the major output axis and tensor-parallel
-      # sharding survives the reshapes (G = 1 is multi-head attention's (D, H, 3, K) stack).
-      C = G + 2
-      w_DxKVxCxK = jnp.concatenate([wq.reshape(D, KV, G, K), wk[:, :, None], wv[:, :, None]], 2)
-      qkv_BxTxKVxCxK = checkpoint_name(
-          (x_NxD @ w_DxKVxCxK.reshape(D, KV * C * K)).reshape(B, T, KV, C, K), "qkv_proj")
-      q_BxTxHxK = qkv_BxTxKVxCxK[:, :, :, :G].reshape(B, T, H, K)
-      k_BxTxKVxK, v_BxTxKVxK = qkv_BxTxKVxCxK[:, :, :, G], qkv_BxTxKVxCxK[:, :, :, G + 1]
-    else:
-      # The kv heads cannot shard like the query heads (fewer kv heads than tensor shards, so
-      # their kernels are replicated): one fused weight would mix a head-sharded q part with
-      # a replicated k/v part, which XLA lays out only by replicating it whole every step
-      # ("involuntary full rematerialization"). So q gets its own matmul; k and v share one.
-      q_BxTxHxK = checkpoint_name((x_NxD @ wq.reshape(D, H * K)).reshape(B, T, H, K), "qkv_proj")
-      w_DxKVx2xK = jnp.stack([wk, wv], 2)
-      kv_BxTxKVx2xK = checkpoint_name(
-          (x_NxD @ w_DxKVx2xK.reshape(D, KV * 2 * K)).reshape(B, T, KV, 2, K), "qkv_proj")
-      k_BxTxKVxK, v_BxTxKVxK = kv_BxTxKVx2xK[:, :, :, 0], kv_BxTxKVx2xK[:, :, :, 1]
+    q_BxTxHxK, k_BxTxKVxK, v_BxTxKVxK = _project_qkv(x_NxD, wq, wk, wv, B, T)
     q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, c.rope_theta)
     k_BxTxKVxK = rope(k_BxTxKVxK, positions_BxT, c.rope_theta)
     axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -250,21 +282,7 @@ class Attention(nn.Module):
     v_BxTxKVxK = _constrain_fitted(v_BxTxKVxK, kv_act)
 
     if c.attention == "xla":
-      # Heads-major batched matmuls (several times faster than BxTxHxK on CPU), each kv head's
-      # G query heads stacked along the query axis (BxKVx(G*T)xK): GQA without repeating k/v,
-      # and with G = 1 exactly the multi-head matmuls. The 1/sqrt(K) scale goes on q, not on
-      # the T/K times larger scores.
-      q_BxKVxGTxK = jnp.transpose((q_BxTxHxK * (1 / np.sqrt(K))).reshape(B, T, KV, G, K),
-                                  (0, 2, 3, 1, 4)).reshape(B, KV, G * T, K)
-      k_BxKVxTxK, v_BxKVxTxK = (jnp.swapaxes(t, 1, 2) for t in (k_BxTxKVxK, v_BxTxKVxK))
-      scores = jnp.einsum("bhqk,bhtk->bhqt", q_BxKVxGTxK, k_BxKVxTxK).astype(jnp.float32)
-      scores_BxKVxGxTxT = jnp.where(mask_BxTxT[:, None, None],
-                                    scores.reshape(B, KV, G, T, T), -1e30)
-      probs_BxKVxGTxT = jax.nn.softmax(scores_BxKVxGxTxT, axis=-1).astype(dt).reshape(
-          B, KV, G * T, T)
-      out_BxKVxGTxK = jnp.einsum("bhqt,bhtk->bhqk", probs_BxKVxGTxT, v_BxKVxTxK)
-      out_BxTxHxK = jnp.transpose(out_BxKVxGTxK.reshape(B, KV, G, T, K),
-                                  (0, 3, 1, 2, 4)).reshape(B, T, H, K)
+      out_BxTxHxK = _xla_attention(q_BxTxHxK, k_BxTxKVxK, v_BxTxKVxK, mask_BxTxT, dt)
     elif c.attention == "splash":
       heads_major = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  (the kernel's layout)
       out_BxHxTxK = splash.attention(

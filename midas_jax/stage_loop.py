@@ -372,8 +372,8 @@ class StageLoop:
     """Train from the current step to stage `si`'s end; True if preempted (SIGTERM)."""
     spec, end = self.spec, self.ends[si]
     fpt = train_flops_per_token(spec.model, spec.seq_len, self.depth)
-    t_stage = self.stage_clock = time.perf_counter()
-    t_prev, pending, done, preempted = t_stage, None, 0, False
+    self.stage_clock = time.perf_counter()  # moved on past evaluations and saves
+    t_prev, pending, done, preempted = self.stage_clock, None, 0, False
     for _ in range(end - self.step):
       # Dispatch this step before fetching the previous one's loss, so the host never
       # leaves the device idle waiting for a scalar.
@@ -390,13 +390,12 @@ class StageLoop:
       preempted = self.preemption.reached(self.step)  # then `run` saves "preempted" instead
       if not preempted:
         self._periodic(si, ex, end)
-      t_stage += time.perf_counter() - t_pause
-      self.stage_clock = t_stage
+      self.stage_clock += time.perf_counter() - t_pause
       if preempted:
         break
     if pending is not None:
       self._record(si, pending, fpt, t_prev)
-    stage_time = time.perf_counter() - t_stage
+    stage_time = time.perf_counter() - self.stage_clock
     self.timers.train += stage_time
     self.stage_clock = None
     if done:

@@ -384,22 +384,23 @@ def get(name: str) -> Primitive:
   return PRIMITIVES[name]
 
 
-def group_chance(tasks) -> dict[str, float]:
-  """Mean chance level of each group over `tasks` (names or `Primitive`s), by group."""
+def _group_mean(tasks, level) -> dict[str, float]:
+  """Mean of `level(primitive)` over `tasks` (names or `Primitive`s), by group."""
   out: dict[str, list[float]] = {}
   for t in tasks:
     p = get(t) if isinstance(t, str) else t
-    out.setdefault(p.group, []).append(p.chance)
+    out.setdefault(p.group, []).append(level(p))
   return {g: sum(v) / len(v) for g, v in out.items()}
+
+
+def group_chance(tasks) -> dict[str, float]:
+  """Mean chance level of each group over `tasks` (names or `Primitive`s), by group."""
+  return _group_mean(tasks, lambda p: p.chance)
 
 
 def group_floor(tasks) -> dict[str, float]:
   """Mean floor of each group over `tasks` (names or `Primitive`s), as `group_chance`."""
-  out: dict[str, list[float]] = {}
-  for t in tasks:
-    p = get(t) if isinstance(t, str) else t
-    out.setdefault(p.group, []).append(p.floor)
-  return {g: sum(v) / len(v) for g, v in out.items()}
+  return _group_mean(tasks, lambda p: p.floor)
 
 
 def floors(tasks) -> dict[str, tuple[str, float]]:

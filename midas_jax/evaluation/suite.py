@@ -98,16 +98,17 @@ class Evals:
       out.update(ev(params, config, mesh, rules))
     return out
 
-  @property
-  def group_chance(self) -> dict:
+  def _merged(self, level: str) -> dict:
+    """Each eval's `level` dict (group -> accuracy) merged; evals without one add nothing."""
     out = {}
     for ev in self.evals:
-      out.update(getattr(ev, "group_chance", None) or {})
+      out.update(getattr(ev, level, None) or {})
     return out
 
   @property
+  def group_chance(self) -> dict:
+    return self._merged("group_chance")
+
+  @property
   def group_floor(self) -> dict:
-    out = {}
-    for ev in self.evals:
-      out.update(getattr(ev, "group_floor", None) or {})
-    return out
+    return self._merged("group_floor")

@@ -460,7 +460,7 @@ def _drift_notes(table: dict) -> list[str]:
   base_tg = mean_s * base["steps"] + base["growth_s"]
   grown = {m: base_tg / (r["train_s"] + r["growth_s"]) for m, r in table.items()
            if m not in step_s and r["train_s"] + r["growth_s"] > 0}
-  return [f"- Host drift: the full-depth runs trained at " + ", ".join(
+  return ["- Host drift: the full-depth runs trained at " + ", ".join(
       f"{1e3 * v:.1f} ({m})" for m, v in step_s.items()) + f" ms per step, a spread of "
       f"{100 * spread:.0f}% of their mean for the same step. At that mean "
       f"({1e3 * mean_s:.1f} ms) the step-matched baseline's {base['steps']:.0f} steps take "
